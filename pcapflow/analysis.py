@@ -1,0 +1,278 @@
+"""The Analysis object users hold: captures -> segments -> connections -> events -> tables."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import vantage as vt
+from .capture import CaptureInfo, read_captures
+from .detectors import handshake_times
+from .flows import assign_connections
+from .teardown import Flow, Params, reconstruct
+
+SCHEMA = "pcapflow/1"
+ENDPOINT_COLUMNS = ["conn_id", "client_ip", "client_port", "server_ip", "server_port",
+                    "roles_inferred", "incarnation", "first_ts", "last_ts"]
+EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
+SIDE_NAMES = ("client", "server")
+FLOW_FIELDS = ["ts", "d", "seq", "ack", "flags", "plen", "win", "ipid", "ttl", "tsval", "dsack", "http"]
+
+
+class Analysis:
+    """Everything pcapflow found in one timeline of captures.
+
+    `connections`, `events` and `findings` are DataFrames whose columns are named as in
+    SPEC.md; `segments` is the TCP segment table they were built from.
+    """
+
+    def __init__(self, segments: pd.DataFrame, captures: list[CaptureInfo],
+                 connections: pd.DataFrame, events: pd.DataFrame, params: Params,
+                 endpoints: dict):
+        self.segments = segments
+        self.captures = captures
+        self.connections = connections
+        self.events = events
+        self.params = params
+        self._endpoints = endpoints  # conn_id -> (client Endpoint, server Endpoint)
+        self._findings: pd.DataFrame | None = None
+
+    @property
+    def capture_end(self) -> float | None:
+        ends = [c.last_ts for c in self.captures if c.last_ts is not None]
+        return max(ends) if ends else None
+
+    @property
+    def findings(self) -> pd.DataFrame:
+        if self._findings is None:
+            from .findings import compute_findings
+            self._findings = compute_findings(self)
+        return self._findings
+
+    def states(self, at: float | None = None, host: str | None = None) -> pd.DataFrame:
+        """netstat-like counts: one row per (host, state) at instant `at` (None: capture end).
+
+        Each connection counts once on its client host and once on its server host, with
+        the state that side was in at that instant; sides already CLOSED are not counted.
+        """
+        t = self.capture_end if at is None else at
+        rows = []
+        for cid, (c_ep, s_ep) in self._endpoints.items():
+            conn = self.connections.loc[cid]
+            for ep, ip in ((c_ep, conn.client_ip), (s_ep, conn.server_ip)):
+                st = ep.state_at(t) if t is not None else None
+                if st is not None and st not in ("CLOSED", "LISTEN"):
+                    rows.append((ip, st))
+        df = pd.DataFrame(rows, columns=["host", "state"])
+        if host is not None:
+            df = df[df["host"] == host]
+        out = df.value_counts().rename("count").reset_index()
+        return out.sort_values(["host", "count", "state"], ascending=[True, False, True],
+                               ignore_index=True)
+
+    def state_timeline(self, freq: str = "1s", host: str | None = None) -> pd.DataFrame:
+        """Counts per state over time: index = time (UTC), one column per state."""
+        if self.capture_end is None or not len(self.connections):
+            return pd.DataFrame()
+        step = pd.Timedelta(freq).total_seconds()
+        start = math.floor(float(self.connections["first_ts"].min()) / step) * step
+        secs = np.arange(start, self.capture_end + step / 2, step)
+        grid = pd.to_datetime(secs, unit="s", utc=True)
+        counts: dict[str, np.ndarray] = {}
+        for cid, (c_ep, s_ep) in self._endpoints.items():
+            conn = self.connections.loc[cid]
+            for ep, ip in ((c_ep, conn.client_ip), (s_ep, conn.server_ip)):
+                if host is not None and ip != host:
+                    continue
+                for k, st in enumerate(ep.states):
+                    if st in ("CLOSED", "LISTEN"):
+                        continue
+                    until = ep.times[k + 1] if k + 1 < len(ep.times) else math.inf
+                    live = (secs >= ep.times[k]) & (secs < until)
+                    counts.setdefault(st, np.zeros(len(secs), dtype=np.int64))
+                    counts[st] += live
+        return pd.DataFrame(counts, index=grid)
+
+    def endpoint(self, conn_id: int):
+        """(client, server) tcpstate.Endpoint of one connection: its state history."""
+        return self._endpoints[conn_id]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "captures": [asdict(c) for c in self.captures],
+            "connections": _records(self.connections),
+            "events": _records(self.events),
+            "findings": _records(self.findings),
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1, default=_json_default, allow_nan=False)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text)
+        return text
+
+    def plot_ladder(self, conn_id: int, ax=None):
+        from .report.charts import ladder
+        return ladder(self, conn_id, ax=ax)
+
+    def plot_states(self, freq: str = "1s", host: str | None = None):
+        from .report.charts import states_over_time
+        return states_over_time(self, freq=freq, host=host)
+
+    def plot_backoff(self, conn_id: int | None = None):
+        from .report.charts import fin_backoff
+        return fin_backoff(self, conn_id)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if math.isnan(o) else float(o)
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    out = []
+    for rec in df.to_dict(orient="records"):
+        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
+    return out
+
+
+def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
+            filter: str | None = None,
+            progress: Callable[[int], None] | None = None) -> Analysis:
+    """Analyze captures (a path, '-', an open binary file, or a list of them) as one timeline."""
+    segments, captures = read_captures(sources, progress=progress)
+    if filter:
+        from .bpf import apply_filter
+        segments = apply_filter(segments, filter)
+    return build(segments, captures, Params(msl=msl, fin_timeout=fin_timeout))
+
+
+def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params) -> Analysis:
+    """Connections and events from a segment table (the part of `analyze` after reading)."""
+    seg, conns = assign_connections(segments)
+    capture_end = max((c.last_ts for c in captures if c.last_ts is not None), default=0.0)
+    if len(seg):
+        capture_end = max(capture_end, float(seg["ts"].max()))
+    seg = seg.sort_values(["conn", "ts"], kind="stable", ignore_index=True)
+    live = seg[~seg["dup"]]
+    bounds = np.flatnonzero(np.diff(live["conn"].to_numpy())) + 1
+    arrays = {k: live[{"d": "dir"}.get(k, k)].to_numpy() for k in FLOW_FIELDS}
+    starts = np.concatenate([[0], bounds]) if len(live) else np.array([], dtype=int)
+    stops = np.concatenate([bounds, [len(live)]]) if len(live) else np.array([], dtype=int)
+    flows = {int(live["conn"].iat[a]): Flow(**{k: v[a:b] for k, v in arrays.items()})
+             for a, b in zip(starts, stops)}
+    vantages = _vantages(conns, flows)
+    rows, events, endpoints = [], [], {}
+    for cid, flow in flows.items():
+        v = vantages[cid]
+        res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
+        rows.append({"conn_id": cid, "first_ts": float(flow.ts[0]), "last_ts": float(flow.ts[-1]),
+                     **res.row})
+        endpoints[cid] = res.endpoints
+        events += [(cid, t, SIDE_NAMES[s], kind, a, b, d) for t, s, kind, a, b, d in res.events]
+    table = conns.merge(pd.DataFrame(rows), on="conn_id", how="left")
+    table = _reuse(table, flows, params)
+    dup = seg.groupby("conn")["dup"].sum()
+    table["duplicates"] = table["conn_id"].map(dup).fillna(0).astype(int)
+    table = table.set_index("conn_id", drop=False).rename_axis(None)
+    ev = pd.DataFrame(events, columns=EVENT_COLUMNS).sort_values(["ts", "conn_id"], kind="stable",
+                                                                 ignore_index=True)
+    return Analysis(seg, captures, table, ev, params, endpoints)
+
+
+def _vantages(conns: pd.DataFrame, flows: dict) -> dict[int, str]:
+    """Vantage per connection: handshake timing, else TTLs, else what the same hosts showed."""
+    out, local_votes = {}, Counter()
+    for cid, client_ip, server_ip in conns[["conn_id", "client_ip", "server_ip"]].itertuples(index=False):
+        f = flows.get(cid)
+        if f is None:
+            continue
+        if vt.is_loopback(client_ip, server_ip):
+            out[cid] = "both"
+            continue
+        v = vt.from_handshake(*handshake_times(f))
+        if v is None:
+            c_ttl = f.ttl[f.d == 0]
+            s_ttl = f.ttl[f.d == 1]
+            v = vt.from_ttls(int(c_ttl[0]) if len(c_ttl) else None, int(s_ttl[0]) if len(s_ttl) else None)
+        out[cid] = v
+        if v in ("client", "server"):
+            local_votes[client_ip if v == "client" else server_ip] += 1
+    for cid, client_ip, server_ip in conns[["conn_id", "client_ip", "server_ip"]].itertuples(index=False):
+        if out.get(cid) is None:
+            c, s = local_votes[client_ip], local_votes[server_ip]
+            out[cid] = "client" if c > s else "server" if s > c else "unknown"
+    return out
+
+
+def _reuse(table: pd.DataFrame, flows: dict, params: Params) -> pd.DataFrame:
+    """4-tuple reuse inside TIME_WAIT: gap and RFC 6191 safety of the new SYN."""
+    table = table.copy()
+    table["reused_4tuple"] = False
+    table["reuse_gap_s"] = None
+    table["reuse_check"] = None
+    table["reuse_isn_signature"] = False
+    key = table.apply(lambda r: tuple(sorted([(r.client_ip, r.client_port),
+                                              (r.server_ip, r.server_port)])), axis=1)
+    for _, grp in table.groupby(key, sort=False):
+        if len(grp) < 2:
+            continue
+        grp = grp.sort_values("incarnation")
+        for (i_old, old), (i_new, new) in zip(grp.iterrows(), list(grp.iterrows())[1:]):
+            fnew = flows[new.conn_id]
+            syn = np.flatnonzero((fnew.flags & 0x12) == 0x02)
+            if not len(syn) or old.time_wait_start is None or pd.isna(old.time_wait_start):
+                continue
+            t = float(fnew.ts[syn[0]])
+            if t >= old.time_wait_end:
+                continue
+            table.at[i_new, "reused_4tuple"] = True
+            table.at[i_new, "reuse_gap_s"] = round(t - old.time_wait_start, 6)
+            check, signature = _reuse_check(flows[old.conn_id], fnew, old, new, syn[0])
+            table.at[i_new, "reuse_check"] = check
+            table.at[i_new, "reuse_isn_signature"] = signature
+    return table
+
+
+def _reuse_check(fold: Flow, fnew: Flow, old, new, k: int) -> tuple[str, bool]:
+    """isn_higher / timestamp_newer / unsafe (RFC 6191), and whether an ISN is exactly the old
+    snd.nxt + 65537 (Linux tcp_timewait_state_process reusing a TIME_WAIT slot)."""
+    same_dir = 0 if (old.client_ip, old.client_port) == (new.client_ip, new.client_port) else 1
+    mine = fold.d == same_dir
+    old_end = _seq_end(fold, mine)
+    isn = int(fnew.seq[k])
+    signature = old_end is not None and isn == (old_end + 65537) % (1 << 32)
+    synack = np.flatnonzero((fnew.flags & 0x12) == 0x12)
+    if len(synack):
+        old_srv_end = _seq_end(fold, ~mine)
+        signature |= old_srv_end is not None and int(fnew.seq[synack[0]]) == (old_srv_end + 65537) % (1 << 32)
+    if old_end is not None and 0 < (isn - old_end) % (1 << 32) < (1 << 31):
+        return "isn_higher", bool(signature)
+    old_ts = fold.tsval[mine]
+    old_ts = old_ts[old_ts >= 0]
+    if fnew.tsval[k] >= 0 and len(old_ts) and 0 < (int(fnew.tsval[k]) - int(old_ts.max())) % (1 << 32) < (1 << 31):
+        return "timestamp_newer", bool(signature)
+    return "unsafe", bool(signature)
+
+
+def _seq_end(f: Flow, mask: np.ndarray) -> int | None:
+    if not mask.any():
+        return None
+    seq, plen, fl = f.seq[mask], f.plen[mask], f.flags[mask]
+    ends = (seq + plen + ((fl & 0x03) > 0)) % (1 << 32)
+    return int(ends[-1])

@@ -1,0 +1,233 @@
+"""Capture files: open (stdin, compression), recognise pcap/pcapng, iterate link-layer records.
+
+The byte-level edge of pcapflow. File and block headers are dpkt's declarative classes;
+this module only walks them and reports, without raising, where a file was cut short.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+import dpkt
+from dpkt import pcap, pcapng
+
+
+class CaptureError(Exception):
+    """A user-caused problem with an input: the message names the file and the reason."""
+
+
+PCAP_MAGICS = {
+    b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
+    b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+}
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+COMPRESSION_MAGICS = {
+    b"\x1f\x8b": ("gzip", gzip.GzipFile),
+    b"BZh": ("bz2", bz2.BZ2File),
+    b"\xfd7zXZ\x00": ("xz", lzma.LZMAFile),
+    b"\x28\xb5\x2f\xfd": ("zstd", None),
+}
+
+
+@dataclass(slots=True)
+class Record:
+    """One captured frame: when, on which link type, its bytes and its length on the wire."""
+
+    ts: float
+    linktype: int
+    data: bytes
+    wirelen: int
+
+
+@dataclass
+class CaptureInfo:
+    """What one input held, and what was skipped and why (counts add up to `packets`)."""
+
+    path: str
+    format: str = ""
+    compression: str | None = None
+    linktype: list[str] = field(default_factory=list)
+    packets: int = 0
+    tcp_packets: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_ts: float | None = None
+    last_ts: float | None = None
+    truncated: str | None = None  # where the file was cut short, if it was
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def _open_zstd(raw: BinaryIO, path: str) -> BinaryIO:
+    try:
+        import zstandard
+    except ImportError:
+        raise CaptureError(f"{path}: zstd-compressed; install pcapflow[zstd] to read it") from None
+    return zstandard.ZstdDecompressor().stream_reader(raw)
+
+
+def open_capture(path: str | os.PathLike | BinaryIO) -> tuple[BinaryIO, str, str | None]:
+    """Open a path, '-' (stdin) or a binary file; undo compression recognised by magic bytes.
+
+    Returns (stream, display name, compression or None).
+    """
+    if hasattr(path, "read"):
+        raw, name = path, getattr(path, "name", "<stream>")
+    elif str(path) == "-":
+        raw, name = sys.stdin.buffer, "<stdin>"
+    else:
+        name = str(path)
+        if os.path.isdir(name):
+            raise CaptureError(f"{name}: is a directory, not a capture file")
+        try:
+            raw = open(name, "rb")
+        except FileNotFoundError:
+            raise CaptureError(f"{name}: no such file") from None
+        except OSError as e:
+            raise CaptureError(f"{name}: cannot open ({e.strerror})") from None
+    raw = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    head = raw.peek(6)[:6]
+    for magic, (kind, opener) in COMPRESSION_MAGICS.items():
+        if head.startswith(magic):
+            stream = _open_zstd(raw, name) if opener is None else opener(raw)
+            return io.BufferedReader(stream, 1 << 16), name, kind
+    return raw, name, None
+
+
+def read_exact(f: BinaryIO, n: int) -> bytes:
+    """Read n bytes, fewer only at the end of the stream (or where decompression failed)."""
+    try:
+        return f.read(n)
+    except (EOFError, OSError, lzma.LZMAError, ValueError) as e:
+        raise _Cut(f"compressed stream broken ({e})") from None
+
+
+class _Cut(Exception):
+    """The stream ended or broke inside a record."""
+
+
+def records(f: BinaryIO, info: CaptureInfo) -> Iterator[Record]:
+    """Yield every frame of a pcap or pcapng stream, noting a cut in `info.truncated`."""
+    head = read_exact(f, 4)
+    if head in PCAP_MAGICS:
+        info.format = "pcap"
+        gen = _pcap_records(f, head, info)
+    elif head == PCAPNG_MAGIC:
+        info.format = "pcapng"
+        gen = _pcapng_records(f, head, info)
+    elif not head:
+        raise CaptureError(f"{info.path}: empty file")
+    else:
+        raise CaptureError(f"{info.path}: not a pcap or pcapng file (starts with {head.hex()})")
+    try:
+        yield from gen
+    except _Cut as cut:
+        info.truncated = f"{cut} after packet {info.packets}"
+
+
+def _pcap_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Record]:
+    order, unit = PCAP_MAGICS[magic]
+    rest = read_exact(f, 20)
+    if len(rest) < 20:
+        raise CaptureError(f"{info.path}: pcap global header cut short ({4 + len(rest)} of 24 bytes)")
+    hdr = (pcap.LEFileHdr if order == "<" else pcap.FileHdr)(magic + rest)
+    linktype = hdr.linktype & 0x0FFFFFFF  # upper bits: FCS length flags (pcap-linktype)
+    info.linktype.append(linktype_name(linktype))
+    rec = struct.Struct(order + "IIII")
+    while True:
+        h = read_exact(f, 16)
+        if not h:
+            return
+        if len(h) < 16:
+            raise _Cut(f"record header cut short ({len(h)} of 16 bytes)")
+        sec, frac, caplen, wirelen = rec.unpack(h)
+        if caplen > max(hdr.snaplen, 262144) or caplen > 1 << 24:
+            raise _Cut(f"record length {caplen} beyond snaplen {hdr.snaplen}: corrupt record")
+        data = read_exact(f, caplen)
+        if len(data) < caplen:
+            raise _Cut(f"record cut short ({len(data)} of {caplen} bytes)")
+        yield Record(sec + frac * unit, linktype, data, wirelen)
+
+
+def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Record]:
+    """Walk pcapng blocks; every section may redefine byte order and interfaces."""
+    interfaces: list[tuple[int, float, int]] = []  # (linktype, ts unit, ts offset)
+    order = "<"
+    head = magic
+    while True:
+        if head is None:
+            head = read_exact(f, 4)
+            if not head:
+                return
+        rest = read_exact(f, 8)
+        if len(head) + len(rest) < 12:
+            raise _Cut("block header cut short")
+        if head == PCAPNG_MAGIC:
+            order = "<" if rest[4:8] == b"\x4d\x3c\x2b\x1a" else ">"
+            if rest[4:8] not in (b"\x4d\x3c\x2b\x1a", b"\x1a\x2b\x3c\x4d"):
+                raise CaptureError(f"{info.path}: pcapng section header with unknown byte order")
+            interfaces = []
+        (btype,) = struct.unpack(order + "I", head)
+        (blen,) = struct.unpack(order + "I", rest[:4])
+        if blen < 12 or blen % 4 or blen > 1 << 26:
+            raise _Cut(f"pcapng block of impossible length {blen}")
+        body = read_exact(f, blen - 12)
+        if len(body) < blen - 12:
+            raise _Cut(f"pcapng block cut short ({len(body) + 12} of {blen} bytes)")
+        buf = head + rest + body
+        head = None
+        le = order == "<"
+        try:
+            if btype == pcapng.PCAPNG_BT_IDB:
+                interfaces.append(_interface(pcapng.InterfaceDescriptionBlockLE(buf) if le
+                                             else pcapng.InterfaceDescriptionBlock(buf), order))
+                info.linktype.append(linktype_name(interfaces[-1][0]))
+            elif btype in (pcapng.PCAPNG_BT_EPB, pcapng.PCAPNG_BT_PB):
+                if btype == pcapng.PCAPNG_BT_EPB:
+                    b = pcapng.EnhancedPacketBlockLE(buf) if le else pcapng.EnhancedPacketBlock(buf)
+                    iface = b.iface_id
+                else:
+                    b = pcapng.PacketBlockLE(buf) if le else pcapng.PacketBlock(buf)
+                    iface = b.iface_id
+                if iface >= len(interfaces):
+                    info.packets += 1
+                    info.skip("no_interface")
+                    continue
+                lt, unit, off = interfaces[iface]
+                yield Record(off + ((b.ts_high << 32) | b.ts_low) * unit, lt, bytes(b.pkt_data), b.pkt_len)
+            elif btype == pcapng.PCAPNG_BT_SPB:
+                if not interfaces:
+                    info.packets += 1
+                    info.skip("no_interface")
+                    continue
+                (wirelen,) = struct.unpack(order + "I", buf[8:12])
+                yield Record(float("nan"), interfaces[0][0], buf[12:12 + min(wirelen, blen - 16)], wirelen)
+        except (dpkt.UnpackError, ValueError, struct.error, IndexError):
+            raise _Cut(f"corrupt pcapng block type {btype:#x}") from None
+
+
+def _interface(idb, order: str) -> tuple[int, float, int]:
+    """Link type, timestamp unit and offset of one pcapng interface (if_tsresol, if_tsoffset)."""
+    unit, offset = 1e-6, 0
+    for opt in idb.opts:
+        if opt.code == pcapng.PCAPNG_OPT_IF_TSRESOL and opt.data:
+            v = opt.data[0]
+            unit = 2.0 ** -(v & 0x7F) if v & 0x80 else 10.0 ** -(v & 0x7F)
+        elif opt.code == pcapng.PCAPNG_OPT_IF_TSOFFSET and len(opt.data) >= 8:
+            offset = struct.unpack(order + "q", opt.data[:8])[0]
+    return idb.linktype, unit, offset
+
+
+LINKTYPE_NAMES = {0: "NULL", 1: "EN10MB", 12: "RAW", 14: "RAW", 101: "RAW", 108: "LOOP",
+                  113: "LINUX_SLL", 276: "LINUX_SLL2", 228: "IPV4", 229: "IPV6"}
+
+
+def linktype_name(lt: int) -> str:
+    return LINKTYPE_NAMES.get(lt, f"LINKTYPE_{lt}")

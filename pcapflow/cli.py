@@ -1,0 +1,178 @@
+"""Command line: thin click commands over the library (SPEC.md, "Command line")."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+import pandas as pd
+
+from .analysis import Analysis, analyze
+from .bpf import FilterError
+from .capture import CaptureError
+from .safe import clean
+
+FORMATS = ["table", "json", "csv", "parquet", "html"]
+
+
+class InputError(click.ClickException):
+    """Bad input from the user: one line, exit 2 (SPEC.md); internal errors exit 1."""
+
+    exit_code = 2
+
+
+class Progress:
+    """Packets read so far, on stderr, when it is a terminal."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.count = 0
+
+    def __call__(self, n: int) -> None:
+        self.count += n
+        click.echo(f"\rreading: {self.count:,} packets", nl=False, err=True)
+
+    def done(self) -> None:
+        if self.enabled and self.count:
+            click.echo("\r" + " " * 40 + "\r", nl=False, err=True)
+
+
+def run_analysis(captures, progress, **kw) -> Analysis:
+    """analyze() with user errors turned into one line and exit 2, warnings on stderr."""
+    bar = Progress(progress)
+    try:
+        a = analyze(list(captures), progress=bar if bar.enabled else None, **kw)
+    except (CaptureError, FilterError) as e:
+        raise InputError(clean(e)) from None
+    finally:
+        bar.done()
+    for cap in a.captures:
+        if cap.truncated:
+            click.echo(f"warning: {clean(cap.path)}: capture cut short ({cap.truncated}); "
+                       "analyzed the packets before the cut", err=True)
+    return a
+
+
+def flat(df: pd.DataFrame) -> pd.DataFrame:
+    """Lists and dicts as JSON text, for CSV."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].map(lambda v: isinstance(v, (list, dict))).any():
+            out[col] = out[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pcapflow")
+def cli():
+    """pcapflow: TCP connection teardown analysis of pcap/pcapng captures."""
+
+
+@cli.command("analyze")
+@click.argument("captures", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@click.option("--charts", type=click.Path(file_okay=False), help="Also write the charts (PNG) here.")
+@click.option("--filter", "filter_", help='tcpdump-style filter, e.g. "host 10.0.0.2 and port 80".')
+@click.option("--msl", type=float, default=30.0, show_default=True, help="MSL in s; TIME_WAIT = 2 MSL.")
+@click.option("--fin-timeout", type=float, default=60.0, show_default=True,
+              help="net.ipv4.tcp_fin_timeout of the hosts, s.")
+@click.option("--port-range", default="32768-60999", show_default=True,
+              help="Ephemeral port range of the clients (net.ipv4.ip_local_port_range).")
+@click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: if a terminal).")
+def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_range, progress):
+    """Analyze CAPTURE... (pcap/pcapng, optionally compressed; '-' for stdin) as one timeline."""
+    try:
+        lo, hi = (int(x) for x in port_range.split("-"))
+    except ValueError:
+        raise click.BadParameter("expected LOW-HIGH, e.g. 32768-60999", param_hint="--port-range")
+    if fmt in ("parquet", "html") and not output:
+        raise click.UsageError(f"--format {fmt} needs -o PATH")
+    a = run_analysis(captures, progress, msl=msl, fin_timeout=fin_timeout, filter=filter_)
+    a.params.port_range = (lo, hi)
+    if fmt == "table":
+        from .report.table import render
+        text = render(a)
+    elif fmt == "json":
+        text = a.to_json()
+    elif fmt == "csv":
+        text = flat(a.connections).to_csv(index=False)
+    elif fmt == "parquet":
+        try:
+            a.connections.to_parquet(output, index=False)
+        except ImportError:
+            raise InputError("parquet output needs pyarrow: pip install 'pcapflow[parquet]'")
+        text = None
+    else:
+        from .report.html import write_html
+        write_html(a, output)
+        text = None
+    if text is not None:
+        if output:
+            with open(output, "w") as fh:
+                fh.write(text + ("" if text.endswith("\n") else "\n"))
+        else:
+            click.echo(text)
+    if charts:
+        from .report.charts import write_charts
+        for path in write_charts(a, charts):
+            click.echo(f"chart: {path}", err=True)
+
+
+@cli.command("states")
+@click.argument("captures", nargs=-1, required=True)
+@click.option("--at", "at", type=float, help="Instant (epoch seconds, or seconds from the capture "
+              "start if below 1e9). Default: end of capture.")
+@click.option("--host", help="Only this host's sockets.")
+@click.option("--msl", type=float, default=30.0, show_default=True)
+@click.option("--fin-timeout", type=float, default=60.0, show_default=True)
+@click.option("--progress/--no-progress", default=None)
+def states_cmd(captures, at, host, msl, fin_timeout, progress):
+    """netstat-like socket state counts per host at an instant of the capture."""
+    a = run_analysis(captures, progress, msl=msl, fin_timeout=fin_timeout)
+    start = min((c.first_ts for c in a.captures if c.first_ts is not None), default=0.0)
+    t = None if at is None else (start + at if at < 1e9 else at)
+    df = a.states(at=t, host=host)
+    when = pd.to_datetime(t if t is not None else a.capture_end or 0, unit="s", utc=True)
+    click.echo(f"states at {when.isoformat()}")
+    if df.empty:
+        click.echo("(no sockets)")
+    for h, g in df.groupby("host", sort=True):
+        click.echo(f"{clean(h)}")
+        for r in g.itertuples():
+            click.echo(f"  {r.state:<12} {r.count:>7}")
+
+
+@cli.command("show")
+@click.argument("capture")
+@click.argument("conn_id", type=int)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the ladder diagram (PNG/SVG/PDF).")
+@click.option("--msl", type=float, default=30.0, show_default=True)
+@click.option("--fin-timeout", type=float, default=60.0, show_default=True)
+def show_cmd(capture, conn_id, output, msl, fin_timeout):
+    """One connection's teardown, told step by step (and drawn with -o)."""
+    a = run_analysis([capture], False, msl=msl, fin_timeout=fin_timeout)
+    if conn_id not in a.connections.index:
+        raise InputError(f"{clean(capture)}: no connection {conn_id} "
+                                   f"(ids 0-{len(a.connections) - 1})")
+    from .report.story import story
+    click.echo(story(a, conn_id))
+    if output:
+        fig = a.plot_ladder(conn_id)
+        fig.savefig(output, dpi=110, bbox_inches="tight")
+        click.echo(f"ladder: {output}", err=True)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug: one line, exit 1; PCAPFLOW_DEBUG=1 shows the traceback
+        if os.environ.get("PCAPFLOW_DEBUG"):
+            raise
+        click.echo(f"pcapflow: internal error: {type(e).__name__}: {clean(e)} "
+                   "(set PCAPFLOW_DEBUG=1 for a traceback and please report it)", err=True)
+        sys.exit(1)

@@ -1,0 +1,413 @@
+"""One small function per teardown phenomenon, each reading a connection's collected facts.
+
+Every function takes a `Context` (the flow's arrays, each side's facts, which sides the
+capture point sits next to, the capture's end, the timer parameters) and returns plain
+values. None of them moves a state: `teardown.reconstruct` feeds their answers to the
+automaton. Kernel facts are from Linux (see TEARDOWN.md); each says where it applies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
+SIDES = ("client", "server")
+
+
+@dataclass
+class Context:
+    f: object            # teardown.Flow
+    sides: tuple         # (teardown.Side, teardown.Side)
+    local: frozenset     # sides whose received segments the capture point sees arrive
+    capture_end: float
+    params: object       # teardown.Params
+
+    def fin_received_at(self, s: int) -> float | None:
+        """When side 1-s received side s's FIN, as far as the capture can prove it."""
+        f, fin = self.f, self.sides[s].fin
+        if 1 - s in self.local:
+            return float(f.ts[fin.tx[0]])
+        if not fin.acks:
+            return None
+        proof = fin.acks[0]
+        # Segments of one direction arrive in order: the FIN was in before the next segment
+        # that followed the copy which got through.
+        copy = max(i for i in fin.tx if i < proof) if fin.tx[0] < proof else fin.tx[0]
+        later = [i for i in range(copy + 1, proof) if f.d[i] == s and i not in fin.tx]
+        return float(f.ts[later[0]] if later else f.ts[proof])
+
+    def fin_ack_received_at(self, s: int) -> tuple[float, int] | None:
+        """When side s received the peer's ACK of its FIN: the first ACK after its last
+        transmission (a retransmission after an ACK means that ACK was lost on its way)."""
+        fin = self.sides[s].fin
+        last_tx = self.f.ts[fin.tx[-1]]
+        for i in fin.acks:
+            if self.f.ts[i] >= last_tx:
+                return float(self.f.ts[i]), i
+        return None
+
+
+def handshake_times(f) -> tuple[float | None, float | None, float | None]:
+    """(last SYN before the SYN-ACK, first SYN-ACK, the client's ACK of it) timestamps."""
+    fl = f.flags
+    synack = np.flatnonzero(((fl & (SYN | ACK)) == (SYN | ACK)) & (f.d == 1))
+    if not len(synack):
+        return None, None, None
+    k = synack[0]
+    syn = np.flatnonzero(((fl & (SYN | ACK)) == SYN) & (f.d == 0) & (np.arange(len(fl)) < k))
+    isn = int(f.seq[k])
+    ack = np.flatnonzero((f.d == 0) & ((fl & (SYN | RST | ACK)) == ACK)
+                         & (f.ack == (isn + 1) % (1 << 32)) & (np.arange(len(fl)) > k))
+    return (float(f.ts[syn[-1]]) if len(syn) else None, float(f.ts[k]),
+            float(f.ts[ack[0]]) if len(ack) else None)
+
+
+def handshake(c: Context) -> str:
+    syn, synack, ack = handshake_times(c.f)
+    if syn is not None and synack is not None and ack is not None:
+        return "complete"
+    if c.sides[0].syn or c.sides[1].syn:
+        return "partial"
+    return "none"
+
+
+def client_ack_of_synack(c: Context) -> int | None:
+    _, synack, ack = handshake_times(c.f)
+    if ack is None:
+        return None
+    return int(np.flatnonzero(c.f.ts == ack)[0])
+
+
+def fin_giveup(c: Context, s: int) -> dict | None:
+    """Linux drops an orphan whose FIN stays unacknowledged after tcp_orphan_retries
+    retransmissions, one doubled timeout after the last one, without an RST."""
+    side = c.sides[s]
+    fin = side.fin
+    if fin is None or len(fin.tx) < 2 or c.fin_ack_received_at(s) is not None:
+        return None
+    last = float(c.f.ts[fin.tx[-1]])
+    if side.rst and c.f.ts[side.rst[0]] > last:
+        return None
+    gap = last - float(c.f.ts[fin.tx[-2]])
+    if c.capture_end < last + 2 * gap * 1.1 + 0.05:
+        return None  # the next retransmission could still have come
+    return {"at": last + 2 * gap, "retries": orphan_retries_estimate(backoff(c, s))}
+
+
+def backoff(c: Context, s: int) -> list[float]:
+    """Seconds between successive transmissions of side s's FIN."""
+    fin = c.sides[s].fin
+    if fin is None:
+        return []
+    t = c.f.ts[fin.tx]
+    return [round(float(x), 6) for x in np.diff(t)]
+
+
+def has_tail_loss_probe(intervals: list[float]) -> bool:
+    """Linux sends a tail-loss probe (RFC 8985) before the first RTO: then the first two
+    intervals are about equal instead of doubling."""
+    return len(intervals) >= 2 and 0.7 < intervals[1] / max(intervals[0], 1e-9) < 1.4
+
+
+def rto_estimate(intervals: list[float]) -> float | None:
+    """The first retransmission timeout of the series (after a tail-loss probe, if any)."""
+    if not intervals:
+        return None
+    return intervals[1] if has_tail_loss_probe(intervals) else intervals[0]
+
+
+def is_exponential(intervals: list[float]) -> bool | None:
+    """Does each RTO double the previous one (RFC 6298 5.5), within 30%, up to 120 s?"""
+    rtos = intervals[1:] if has_tail_loss_probe(intervals) else intervals
+    if len(rtos) < 2:
+        return None
+    return bool(all(0.7 < b / min(2 * a, 120.0) < 1.3 for a, b in zip(rtos, rtos[1:])))
+
+
+def orphan_retries_estimate(intervals: list[float]) -> int | None:
+    """tcp_orphan_retries that fits a FIN series that ended in give-up: Linux makes N+1 RTO
+    retransmissions (a time budget of 200 ms * (2^(N+1) - 1)), plus a tail-loss probe."""
+    if not intervals:
+        return None
+    rtos = len(intervals) - (1 if has_tail_loss_probe(intervals) else 0)
+    return max(rtos - 1, 0)
+
+
+def rst_kind(c: Context) -> str | None:
+    """The kind of the first RST of the connection (see vocab.RST_KINDS)."""
+    f, sides = c.f, c.sides
+    rsts = [(i, s) for s in (0, 1) for i in sides[s].rst]
+    if not rsts:
+        return None
+    i, s = min(rsts)
+    me, peer = sides[s], sides[1 - s]
+    if s == 1 and not sides[1].syn and sides[0].syn and f.flags[sides[0].syn[0]] & ACK == 0:
+        return "refused"
+    if me.keepalives and me.keepalives[-1] < i and (
+            not peer.keepalive_acks or peer.keepalive_acks[-1] < me.keepalives[-1]):
+        return "keepalive_timeout"
+    ttls = f.ttl[(f.d == s) & ((f.flags & RST) == 0)]
+    if len(ttls) >= 2 and (ttls == ttls[0]).all() and abs(int(f.ttl[i]) - int(ttls[0])) > 1:
+        return "other"
+    if (me.fin is not None and me.fin.tx[0] < i) or not f.flags[i] & ACK:
+        return "reply_to_closed"
+    return "abort"
+
+
+def fin_wait2_expiry(c: Context, s: int) -> float | None:
+    """When side s's orphaned FIN_WAIT_2 expired (tcp_fin_timeout), if its RST shows it had.
+
+    A FIN_WAIT_2 socket that still existed would accept the peer's FIN; a bare RST answering
+    the peer's FIN, or answering anything after at least tcp_fin_timeout, means it was gone.
+    """
+    f, me = c.f, c.sides[s]
+    if me.fin is None or not me.rst:
+        return None
+    acked = c.fin_ack_received_at(s)
+    r = me.rst[0]
+    if acked is None or acked[1] > r or f.flags[r] & ACK:
+        return None
+    trigger = [i for i in range(acked[1] + 1, r) if f.d[i] == 1 - s]
+    if not trigger:
+        return None
+    t = float(f.ts[trigger[0]])
+    if f.flags[trigger[0]] & FIN or t - acked[0] >= c.params.fin_timeout:
+        return min(acked[0] + c.params.fin_timeout, t)
+    return None
+
+
+def time_wait(c: Context, ends) -> dict:
+    """Which side held TIME_WAIT, from when to when (2MSL after its last ACK of the peer's FIN;
+    each re-ACK of a retransmitted FIN restarts the timer, Linux tcp_timewait_state_process)."""
+    f = c.f
+    out = {"side": None, "start": None, "end": None, "restarts": 0, "reacks": [], "sides": []}
+    for s in (0, 1):
+        ep = ends[s]
+        if "TIME_WAIT" not in ep.states:
+            continue
+        start = ep.times[ep.states.index("TIME_WAIT")]
+        peer_fin = c.sides[1 - s].fin
+        later_tx = [float(f.ts[i]) for i in peer_fin.tx if f.ts[i] > start]
+        reacks = [i for i in peer_fin.acks
+                  if f.ts[i] > start and any(t <= f.ts[i] for t in later_tx)]
+        own_acks = [float(f.ts[i]) for i in peer_fin.acks if f.ts[i] >= start]
+        last = max(own_acks, default=start)
+        out["sides"].append(s)
+        out["reacks"] += [(float(f.ts[i]), s, f"2MSL restarts, TIME_WAIT now ends "
+                           f"{2 * c.params.msl:.0f} s after this") for i in reacks]
+        out["restarts"] += len(reacks)
+        end = last + 2 * c.params.msl
+        out["start"] = start if out["start"] is None else min(out["start"], start)
+        out["end"] = end if out["end"] is None else max(out["end"], end)
+    if out["sides"]:
+        out["side"] = out["sides"][0] if len(out["sides"]) == 1 else 2
+    return out
+
+
+def keepalive_events(c: Context) -> list[tuple]:
+    ev = []
+    for s in (0, 1):
+        ev += [(float(c.f.ts[i]), s, "KEEPALIVE", f"seq {int(c.f.seq[i])}, {int(c.f.plen[i])} bytes")
+               for i in c.sides[s].keepalives]
+        ev += [(float(c.f.ts[i]), s, "KEEPALIVE_ACK", "") for i in c.sides[s].keepalive_acks]
+    return ev
+
+
+def half_close_events(c: Context) -> list[tuple]:
+    return [(float(c.f.ts[side.first_data_after_peer_fin]), s, "DATA_AFTER_FIN",
+             f"{side.after_peer_fin} bytes after the {SIDES[1 - s]} FIN in all")
+            for s, side in enumerate(c.sides) if side.first_data_after_peer_fin is not None]
+
+
+def closers(c: Context) -> tuple[int | None, int | None]:
+    """(active, passive) sides; active 2 for a simultaneous close. A FIN that already
+    acknowledges the peer's FIN was sent second (RFC 9293 3.6)."""
+    f, sides = c.f, c.sides
+    fins = [s for s in (0, 1) if sides[s].fin is not None]
+    if not fins:
+        return None, None
+    if len(fins) == 1:
+        return fins[0], 1 - fins[0]
+    acks_peer = []
+    for s in (0, 1):
+        first_tx = sides[s].fin.tx[0]
+        acks_peer.append(first_tx in sides[1 - s].fin.acks)
+    if acks_peer[0] and not acks_peer[1]:
+        return 1, 0
+    if acks_peer[1] and not acks_peer[0]:
+        return 0, 1
+    if not acks_peer[0] and not acks_peer[1]:
+        return 2, None
+    first = min((0, 1), key=lambda s: f.ts[sides[s].fin.tx[0]])
+    return first, 1 - first
+
+
+def losses(c: Context) -> list[dict]:
+    """Lost teardown segments by wave (numbered from the active closer) and position.
+
+    For each retransmission of a FIN, what happened to the previous copy: an ACK of it seen
+    before the retransmission was lost after the capture point (wave 2 or 4); an answer
+    carrying a D-SACK (RFC 2883) proves the FIN had arrived, so the ACK was lost before
+    the capture point; otherwise the FIN copy itself was lost after the capture point.
+    A FIN whose IPv4 ID jumps over unseen IDs was preceded by copies lost before it.
+    """
+    active, passive = closers(c)
+    if active is None:
+        return []
+    if active == 2:
+        order = [(0, 1), (1, 3)]  # simultaneous: both FINs are "first waves"; client counts 1
+    else:
+        order = [(active, 1), (passive, 3)]
+    out = []
+    for s, wave_fin in order:
+        fin = c.sides[s].fin
+        if fin is None:
+            continue
+        for wave, count, pos, t in _fin_losses(c, s):
+            w = wave_fin if wave == "fin" else wave_fin + 1
+            out.append({"wave": w, "count": count, "position": pos, "ts": t, "side": s if
+                        wave == "fin" else 1 - s})
+    return out
+
+
+def _fin_losses(c: Context, s: int):
+    f, fin = c.f, c.sides[s].fin
+    tx = fin.tx
+    found = []
+    for k in range(1, len(tx)):
+        prev_t, t = f.ts[tx[k - 1]], f.ts[tx[k]]
+        acked_between = [i for i in fin.acks if prev_t <= f.ts[i] < t]
+        nxt = f.ts[tx[k + 1]] if k + 1 < len(tx) else np.inf
+        answer = [i for i in fin.acks if t <= f.ts[i] < nxt]
+        if acked_between:
+            found.append(("ack", "after_capture", float(f.ts[acked_between[0]])))
+        elif answer and f.dsack[answer[0]]:
+            found.append(("ack", "before_capture", float(prev_t)))
+        else:
+            found.append(("fin", "after_capture", float(prev_t)))
+    if fin_giveup(c, s) is not None:
+        found.append(("fin", "after_capture", float(f.ts[tx[-1]])))
+    gap = _ipid_gap(c, s)
+    if gap:
+        found += [("fin", "before_capture", float(f.ts[tx[0]]))] * gap
+    merged: dict[tuple, list] = {}
+    for kind, pos, t in found:
+        merged.setdefault((kind, pos), []).append(t)
+    return [(kind, len(ts), pos, min(ts)) for (kind, pos), ts in merged.items()]
+
+
+def _ipid_gap(c: Context, s: int) -> int:
+    """Unseen IPv4 IDs just before the first FIN seen, when no data is missing in between:
+    copies of the FIN lost before the capture point. Only trusted when the sender's earlier
+    IDs rose by exactly one per segment (Linux counts IDs per socket; other stacks may not)."""
+    f, fin = c.f, c.sides[s].fin
+    i = fin.tx[0]
+    if s in c.local or f.ipid[i] <= 0:
+        return 0
+    ids = f.ipid[:i][f.d[:i] == s].astype(np.int64)
+    if len(ids) < 3 or ((np.diff(ids) % 65536) != 1).any():
+        return 0
+    j = np.flatnonzero(f.d[:i] == s)[-1]
+    if (int(f.seq[j]) + int(f.plen[j])) % (1 << 32) != int(f.seq[i]):
+        return 0
+    gap = (int(f.ipid[i]) - int(ids[-1]) - 1) % 65536
+    return gap if 0 < gap <= 16 else 0
+
+
+def close_type(c: Context, ends, giveups) -> str:
+    f, sides = c.f, c.sides
+    has_synack = bool(sides[1].syn) and bool(f.flags[sides[1].syn[0]] & ACK)
+    rsts = sorted(i for s in (0, 1) for i in sides[s].rst)
+    fins = [sides[s].fin for s in (0, 1)]
+    if sides[0].syn and not has_synack and not any(fins):
+        return "refused" if sides[1].rst else "unanswered" if not sides[1].packets else "open"
+    if rsts:
+        first_fin = min((fin.tx[0] for fin in fins if fin), default=None)
+        return "fin_then_reset" if first_fin is not None and first_fin < rsts[0] else "reset"
+    if not any(fins):
+        return "open"
+    active, passive = closers(c)
+    if any(giveups):
+        return "abandoned"
+    if all(fins):
+        if not all(c.fin_ack_received_at(s) or fins[s].acks for s in (0, 1)):
+            return "closing"
+        if active == 2:
+            return "simultaneous"
+        pfin = fins[passive].tx[0]
+        afin = fins[active]
+        first_ack = afin.acks[0] if afin.acks else None
+        return "three_way" if first_ack == pfin else "four_way"
+    s = active
+    return "half_closed" if fins[s].acks else "closing"
+
+
+def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, tw: dict,
+                      loss: list[dict], vantage: str) -> dict:
+    """The SPEC's teardown columns for one connection."""
+    f, sides = c.f, c.sides
+    giveups = [fin_giveup(c, s) for s in (0, 1)]
+    active, _ = closers(c)
+    rst_sides = [s for s in (0, 1) if sides[s].rst]
+    fins_ts = [float(f.ts[sides[s].fin.tx[0]]) if sides[s].fin else None for s in (0, 1)]
+    teardown_rows = [i for s in (0, 1) for i in sides[s].rst]
+    for s in (0, 1):
+        if sides[s].fin:
+            teardown_rows += sides[s].fin.tx + sides[s].fin.acks
+    start_td = min((f.ts[i] for i in teardown_rows), default=None)
+    if active is None and rst_sides:
+        active = min(rst_sides, key=lambda s: sides[s].rst[0]) if handshake_state != "partial" \
+            or sides[1].syn else None
+    end = c.capture_end
+
+    def time_in(s: int, state: str) -> float | None:
+        ep = ends[s]
+        total, seen = 0.0, False
+        for k, st in enumerate(ep.states):
+            if st == state:
+                seen = True
+                until = ep.times[k + 1] if k + 1 < len(ep.times) else end
+                total += until - ep.times[k]
+        return round(total, 6) if seen else None
+
+    lost_waves = sorted({x["wave"] for x in loss})
+    row = {
+        "handshake": handshake_state,
+        "vantage": vantage,
+        "close_type": close_type(c, ends, giveups),
+        "active_closer": {None: "none", 0: "client", 1: "server", 2: "both"}[active],
+        "client_state_end": ends[0].state,
+        "server_state_end": ends[1].state,
+        "client_fin_ts": fins_ts[0], "server_fin_ts": fins_ts[1],
+        "client_fin_retransmits": len(sides[0].fin.tx) - 1 if sides[0].fin else 0,
+        "server_fin_retransmits": len(sides[1].fin.tx) - 1 if sides[1].fin else 0,
+        "client_fin_backoff": backoff(c, 0), "server_fin_backoff": backoff(c, 1),
+        "fin_rto_estimate": rto_estimate(backoff(c, active if active in (0, 1) else 0)),
+        "fin_backoff_exponential": is_exponential(backoff(c, active if active in (0, 1) else 0)),
+        "orphan_retries_estimate": next((g["retries"] for g in giveups if g), None),
+        "lost_waves": lost_waves,
+        "losses": [{"wave": x["wave"], "count": x["count"], "position": x["position"]}
+                   for x in sorted(loss, key=lambda x: (x["wave"], x["position"]))],
+        "rst_by": {(): "none", (0,): "client", (1,): "server", (0, 1): "both"}[tuple(rst_sides)],
+        "rst_kind": rst,
+        "time_wait_side": {None: "none", 0: "client", 1: "server", 2: "both"}[tw["side"]],
+        "time_wait_start": tw["start"], "time_wait_end": tw["end"],
+        "time_wait_restarts": tw["restarts"],
+        "half_close_bytes": max((sd.after_peer_fin for sd in sides), default=0),
+        "close_wait_s": _max_none(time_in(0, "CLOSE_WAIT"), time_in(1, "CLOSE_WAIT")),
+        "fin_wait2_s": _max_none(time_in(0, "FIN_WAIT_2"), time_in(1, "FIN_WAIT_2")),
+        "fin_wait2_timeout": any(fin_wait2_expiry(c, s) is not None for s in (0, 1)),
+        "client_keepalives": len(sides[0].keepalives),
+        "server_keepalives": len(sides[1].keepalives),
+        "teardown_s": (round(float(max(f.ts[i] for i in teardown_rows) - start_td), 6)
+                       if teardown_rows else None),
+        "packets": len(f),
+        "client_bytes": sides[0].bytes, "server_bytes": sides[1].bytes,
+    }
+    return row
+
+
+def _max_none(a, b):
+    vals = [x for x in (a, b) if x is not None]
+    return max(vals) if vals else None

@@ -1,0 +1,269 @@
+"""Findings: what a person should act on, each with its numbers, evidence, cause and fix.
+
+One function per finding kind (vocab.FINDING_KINDS), each reading the connections table
+(and, for HTTP causes, the segments) and returning finding dicts; `FINDERS` lists them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .http import http_summary
+
+COLUMNS = ["kind", "severity", "host", "port", "count", "conn_ids", "summary", "explanation",
+           "suggestion", "cause"]
+SAMPLE = 10
+MIN_PILEUP = 10
+
+
+def finding(kind, severity, host, port, conns: pd.DataFrame, summary, explanation, suggestion,
+            cause=None) -> dict:
+    return {"kind": kind, "severity": severity, "host": host, "port": port, "count": len(conns),
+            "conn_ids": [int(x) for x in conns["conn_id"].head(SAMPLE)], "summary": summary,
+            "explanation": explanation, "suggestion": suggestion, "cause": cause}
+
+
+def peak_concurrency(starts, ends) -> tuple[int, float | None]:
+    """Most intervals [start, end) open at once, and when."""
+    if len(starts) == 0:
+        return 0, None
+    t = np.concatenate([np.asarray(starts, float), np.asarray(ends, float)])
+    step = np.concatenate([np.ones(len(starts)), -np.ones(len(ends))])
+    order = np.lexsort((step, t))
+    level = np.cumsum(step[order])
+    k = int(np.argmax(level))
+    return int(level[k]), float(t[order][k])
+
+
+def _close_causes(a, conns: pd.DataFrame) -> pd.Series:
+    """Why the server closed first, per connection, from its HTTP messages and timing."""
+    http = http_summary(a.segments).set_index("conn_id")
+    df = conns.join(http, on="conn_id")
+    multi = df.loc[df["http_requests"].fillna(0) >= 2, "http_requests"]
+    limit = int(multi.mode().iloc[0]) if len(multi) and (multi == multi.mode().iloc[0]).sum() >= 3 else None
+    last_client = a.segments[(a.segments["dir"] == 0) & (a.segments["plen"] > 0)].groupby("conn")["ts"].max()
+    idle = df["server_fin_ts"] - df["conn_id"].map(last_client)
+    causes = []
+    for (_, r), gap in zip(df.iterrows(), idle):
+        if pd.isna(r.get("http_requests")) or r["http_cut"]:
+            causes.append("unknown")
+        elif r["http_request_close"] or r["http10"]:
+            causes.append("Connection: close")
+        elif limit is not None and r["http_requests"] == limit:
+            causes.append(f"request limit ({limit} requests)")
+        elif r["http_response_close"]:
+            causes.append("Connection: close")
+        elif pd.notna(gap) and gap >= 0.2:
+            causes.append(f"idle timeout (~{gap:.1f} s)")
+        else:
+            causes.append("unknown")
+    out = pd.Series(causes, index=conns.index)
+    idle_like = out.str.startswith("idle timeout")
+    if idle_like.any():  # report the group's typical timeout rather than each gap
+        out[idle_like] = f"idle timeout (~{idle[idle_like.to_numpy()].median():.1f} s)"
+    return out
+
+
+def server_time_wait_pileup(a) -> list[dict]:
+    c = a.connections
+    tw = c[c["time_wait_side"].isin(["server", "both"])]
+    out = []
+    for (ip, port), g in tw.groupby(["server_ip", "server_port"]):
+        if len(g) < MIN_PILEUP:
+            continue
+        peak, when = peak_concurrency(g["time_wait_start"], g["time_wait_end"])
+        causes = _close_causes(a, g).value_counts()
+        cause_text = ", ".join(f"{k} {v}" for k, v in causes.items())
+        out.append(finding(
+            "server_time_wait_pileup", "warning" if peak >= 100 else "info", ip, int(port), g,
+            f"{ip}:{port} closed first on {len(g)} of {int((c['server_port'] == port).sum())} "
+            f"connections and held up to {peak} TIME_WAITs at once; causes: {cause_text}.",
+            "The side that closes first keeps each 4-tuple in TIME_WAIT for 60 s (Linux "
+            "TCP_TIMEWAIT_LEN). On a server that costs memory, not ports.",
+            "Let clients close first or keep connections alive: drop `Connection: close`, raise "
+            "the keep-alive idle timeout (nginx keepalive_timeout) and request limit "
+            "(keepalive_requests); tcp_max_tw_buckets caps the count.",
+            cause=causes.index[0] if len(causes) else None))
+    return out
+
+
+def close_wait_leak(a) -> list[dict]:
+    """Passive sides that never closed: absolutely (threshold) or against the port's habit."""
+    c = a.connections
+    out = []
+    for side, ip_col, port_col in (("server", "server_ip", "server_port"),
+                                   ("client", "client_ip", "server_port")):
+        passive = c[c["active_closer"] == ("client" if side == "server" else "server")]
+        for (ip, port), g in passive.groupby([ip_col, port_col]):
+            stuck = g[g[f"{side}_state_end"] == "CLOSE_WAIT"]
+            if stuck.empty:
+                continue
+            closed = g[g[f"{side}_fin_ts"].notna()]
+            usual = float(np.median(closed["close_wait_s"].dropna())) if len(closed) else None
+            longest = stuck["close_wait_s"].sort_values(ascending=False)
+            absolute = longest >= a.params.close_wait_threshold
+            habitual = (usual is not None and len(closed) >= len(stuck)
+                        and (longest > max(100 * usual, 0.01)))
+            leaks = stuck.loc[longest.index[absolute | habitual]]
+            if leaks.empty:
+                continue
+            where = f"{ip}:{port}" if side == "server" else f"{ip} (client of port {port})"
+            usual_text = (f"; {len(closed)} others closed within {usual * 1e3:.1f} ms of the peer's FIN"
+                          if usual is not None else "")
+            out.append(finding(
+                "close_wait_leak", "critical" if len(leaks) >= 10 else "warning", ip, int(port), leaks,
+                f"{len(leaks)} connections on {where} stayed in CLOSE_WAIT after the peer's FIN "
+                f"(longest {longest.iloc[0]:.1f} s){usual_text}.",
+                "CLOSE_WAIT means the application received EOF and never called close(); the "
+                "kernel cannot end it (TEARDOWN.md section 6).",
+                "Fix the application: handle EOF (read() == 0) by closing the socket; check for "
+                "sockets never accepted or never registered with epoll, and for deadlocks before close()."))
+    return out
+
+
+def port_exhaustion_risk(a) -> list[dict]:
+    c = a.connections
+    lo, hi = a.params.port_range
+    size = hi - lo + 1
+    out = []
+    for (cip, sip, sport), g in c.groupby(["client_ip", "server_ip", "server_port"]):
+        if len(g) < MIN_PILEUP:
+            continue
+        end = a.capture_end
+        held = np.where(g["time_wait_side"].isin(["client", "both"]), g["time_wait_end"],
+                        np.where(g["client_state_end"] == "CLOSED", g["last_ts"], end))
+        peak, when = peak_concurrency(g["first_ts"], held.astype(float))
+        ports = np.sort(g["client_port"].unique())
+        span = int(ports[-1] - ports[0] + 1)
+        narrowed = span < size and peak >= 0.9 * span and len(ports) >= 0.9 * span
+        if peak < 0.5 * size and not narrowed:
+            continue
+        note = (f"; the source ports seen form a tight block {ports[0]}-{ports[-1]} that was all in "
+                "use: the ephemeral range looks narrowed" if narrowed else "")
+        out.append(finding(
+            "port_exhaustion_risk", "critical" if peak >= 0.9 * min(size, span) else "warning",
+            cip, int(sport), g,
+            f"{cip} held up to {peak} ports (TIME_WAIT or open) toward {sip}:{sport}, against an "
+            f"ephemeral range of {size}{note}.",
+            "Each connection to one destination ip:port needs its own source port until its "
+            "TIME_WAIT ends; a failed connect() sends nothing, so a capture shows exhaustion only "
+            "as this saturation.",
+            "Reuse connections (keep-alive, pooling), let the server close first, enable "
+            "net.ipv4.tcp_tw_reuse=1 (with timestamps), or widen net.ipv4.ip_local_port_range."))
+    return out
+
+
+def fin_loss(a) -> list[dict]:
+    c = a.connections
+    lost = c[c["lost_waves"].map(len) > 0]
+    out = []
+    for (ip, port), g in lost.groupby(["server_ip", "server_port"]):
+        waves = pd.Series([w for ws in g["lost_waves"] for w in ws]).value_counts().sort_index()
+        text = ", ".join(f"wave {w}: {n}" for w, n in waves.items())
+        out.append(finding(
+            "fin_loss", "warning", ip, int(port), g,
+            f"{len(g)} connections to {ip}:{port} lost teardown segments ({text}).",
+            "Wave 1 is the active closer's FIN, 2 the peer's ACK of it, 3 the passive FIN, 4 the "
+            "final ACK. A lost FIN is retransmitted with exponential backoff; a lost final ACK "
+            "makes the passive side retransmit its FIN and restarts TIME_WAIT.",
+            "Look for packet loss on the path (interface drops, a firewall or NAT dropping "
+            "segments of connections it considers closed)."))
+    return out
+
+
+def orphan_giveup(a) -> list[dict]:
+    c = a.connections
+    g = c[c["close_type"] == "abandoned"]
+    if g.empty:
+        return []
+    est = g["orphan_retries_estimate"].dropna()
+    guess = f" (fits tcp_orphan_retries={int(est.mode().iloc[0])})" if len(est) else ""
+    return [finding(
+        "orphan_giveup", "warning", None, None, g,
+        f"{len(g)} closed sockets retransmitted their FIN until they gave up, never acknowledged{guess}.",
+        "An orphaned socket (closed by its application) retransmits its FIN at most "
+        "tcp_orphan_retries times (0 means 8), then disappears silently; the peer may stay "
+        "ESTABLISHED until it sends and gets an RST.",
+        "Find why the FINs were lost (the peer gone, a firewall); a small tcp_orphan_retries "
+        "frees memory sooner under FIN floods.")]
+
+
+def rst_shortcut(a) -> list[dict]:
+    c = a.connections
+    out = []
+    for kind, g in c[c["rst_kind"].notna()].groupby("rst_kind"):
+        if kind == "keepalive_timeout":
+            continue  # its own finding
+        fixes = {
+            "abort": "An RST instead of FIN: SO_LINGER with linger 0, or close() with unread data "
+                     "(RFC 2525). Read everything before closing, or make the abort intended.",
+            "reply_to_closed": "A segment reached a socket already closed or gone (data after "
+                               "close, an expired FIN_WAIT_2, a rebooted peer): make the "
+                               "protocol agree on who speaks last.",
+            "refused": "Nothing listened on that port: check the service and its listen backlog.",
+            "other": "RSTs whose TTL does not fit their claimed sender: look for a middlebox "
+                     "injecting resets.",
+        }
+        senders = g["rst_by"].value_counts()
+        out.append(finding(
+            "rst_shortcut", "warning" if kind in ("abort", "other") else "info", None, None, g,
+            f"{len(g)} connections ended by RST of kind {kind} "
+            f"(sent by {', '.join(f'{k} {v}' for k, v in senders.items())}).",
+            "An RST skips the FIN exchange and TIME_WAIT; the peer's application sees "
+            "'connection reset by peer'.", fixes[kind], cause=kind))
+    return out
+
+
+def tw_reuse_unsafe(a) -> list[dict]:
+    c = a.connections
+    g = c[c["reuse_check"] == "unsafe"]
+    if g.empty:
+        return []
+    return [finding(
+        "tw_reuse_unsafe", "warning", None, None, g,
+        f"{len(g)} new connections reused a 4-tuple still in TIME_WAIT with neither a higher "
+        "ISN nor a newer timestamp.",
+        "RFC 6191: a SYN may reuse a TIME_WAIT 4-tuple only if its ISN is above the old "
+        "connection's or its timestamp is newer; otherwise old segments can corrupt the new one.",
+        "Keep TCP timestamps on (net.ipv4.tcp_timestamps=1) where tcp_tw_reuse is used.")]
+
+
+def fin_wait2_timeout(a) -> list[dict]:
+    c = a.connections
+    g = c[c["fin_wait2_timeout"]]
+    if g.empty:
+        return []
+    return [finding(
+        "fin_wait2_timeout", "warning", None, None, g,
+        f"{len(g)} orphaned FIN_WAIT_2 sockets expired before the peer closed; its late "
+        "segments got an RST.",
+        "A socket closed by its application waits in FIN_WAIT_2 at most tcp_fin_timeout "
+        "(60 s); the peer, still in CLOSE_WAIT, then writes or closes into nothing.",
+        "Make the passive side close promptly (it has a CLOSE_WAIT problem), or raise "
+        "net.ipv4.tcp_fin_timeout if the peer's delay is legitimate.")]
+
+
+def keepalive_dead_peer(a) -> list[dict]:
+    c = a.connections
+    g = c[c["rst_kind"] == "keepalive_timeout"]
+    if g.empty:
+        return []
+    probes = (g["client_keepalives"] + g["server_keepalives"]).median()
+    return [finding(
+        "keepalive_dead_peer", "warning", None, None, g,
+        f"{len(g)} connections were reset after about {probes:.0f} unanswered keepalive probes.",
+        "The peer host vanished (crash, cable, NAT state lost): nothing was sent, only "
+        "keepalive probes revealed it (Linux: tcp_keepalive_time/intvl/probes).",
+        "Expected when peers die; tune TCP_KEEPIDLE/KEEPINTVL/KEEPCNT (or an application "
+        "heartbeat) to detect it as fast as you need.")]
+
+
+FINDERS = [server_time_wait_pileup, close_wait_leak, port_exhaustion_risk, fin_loss,
+           orphan_giveup, rst_shortcut, tw_reuse_unsafe, fin_wait2_timeout, keepalive_dead_peer]
+
+
+def compute_findings(a) -> pd.DataFrame:
+    rows = [f for finder in FINDERS for f in finder(a)] if len(a.connections) else []
+    order = {"critical": 0, "warning": 1, "info": 2}
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.sort_values("severity", key=lambda s: s.map(order), kind="stable", ignore_index=True)

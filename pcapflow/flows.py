@@ -1,0 +1,171 @@
+"""Segments -> connections: group by 4-tuple, split incarnations, assign client/server roles.
+
+A connection incarnation starts at a SYN whose ISN is new for its 4-tuple. Segments after
+that SYN go to whichever live incarnation their sequence and acknowledgment numbers fit,
+so the old connection's late ACK and the client's RST (the SYN -> old ACK -> RST -> SYN
+dance of RFC 9293 3.10.7.4) stay with the old one, and FIN retransmissions or a final ACK
+never open a new record.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
+MOD = 1 << 32
+HALF = 1 << 31
+EPHEMERAL = (32768, 60999)
+DUP_WINDOW = 0.05  # s: the same packet captured twice (tcpdump -i any on a router or bridge)
+DUP_KEY = ["src", "sport", "dst", "dport", "seq", "ack", "flags", "plen", "win", "ipid",
+           "tsval", "tsecr", "nsack"]
+
+
+def seq_dist(a: int, b: int) -> int:
+    """Distance between two sequence numbers in 32-bit space (RFC 1982 style)."""
+    d = (a - b) % MOD
+    return min(d, MOD - d)
+
+
+def mark_duplicates(seg: pd.DataFrame) -> np.ndarray:
+    """True for a segment that repeats an identical one seen less than DUP_WINDOW earlier.
+
+    Identity needs an IPv4 ID or a TCP timestamp: without either, two real duplicate ACKs
+    could not be told from one packet captured twice.
+    """
+    if seg.empty:
+        return np.zeros(0, dtype=bool)
+    order = seg.sort_values(DUP_KEY + ["ts"], kind="stable").index.to_numpy()
+    s = seg.loc[order]
+    same = np.ones(len(s), dtype=bool)
+    for col in DUP_KEY:
+        v = s[col].to_numpy()
+        same[1:] &= v[1:] == v[:-1]
+    same[0] = False
+    ts = s["ts"].to_numpy()
+    same[1:] &= (ts[1:] - ts[:-1]) < DUP_WINDOW
+    identified = (s["ipid"].to_numpy() > 0) | (s["tsval"].to_numpy() >= 0)
+    dup = np.zeros(len(seg), dtype=bool)
+    dup[order] = same & identified
+    return dup
+
+
+def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Add `conn` and `dir` (0: client->server, 1: server->client) and `dup` to the segments.
+
+    Returns (segments, connections) where connections has one row per incarnation with
+    conn_id, client/server endpoints, roles_inferred and incarnation.
+    """
+    seg = seg.copy()
+    seg["dup"] = mark_duplicates(seg)
+    a = seg["src"] + "|" + seg["sport"].astype(str)
+    b = seg["dst"] + "|" + seg["dport"].astype(str)
+    lo = np.where(a < b, a, b)
+    hi = np.where(a < b, b, a)
+    group = pd.factorize(pd.Series(lo) + "/" + pd.Series(hi))[0]
+    seg["_group"] = group
+    inc = np.zeros(len(seg), dtype=np.int64)
+    flags = seg["flags"].to_numpy()
+    is_syn = (flags & (SYN | ACK)) == SYN
+    syn_keys = seg.loc[is_syn, ["_group", "src", "sport", "seq"]].drop_duplicates()
+    multi = syn_keys.groupby("_group").size()
+    for g in multi[multi > 1].index:
+        rows = np.flatnonzero(group == g)
+        inc[rows] = _split_incarnations(seg.iloc[rows])
+    seg["_inc"] = inc
+    conns = _roles(seg)
+    seg = seg.merge(conns[["_group", "_inc", "conn_id", "client_ip", "client_port"]],
+                    on=["_group", "_inc"], how="left", sort=False)
+    seg["conn"] = seg.pop("conn_id")
+    seg["dir"] = np.where((seg["src"] == seg["client_ip"]) & (seg["sport"] == seg["client_port"]),
+                          0, 1).astype(np.int8)
+    seg = seg.drop(columns=["_group", "_inc", "client_ip", "client_port"])
+    conns = conns.drop(columns=["_group", "_inc"])
+    return seg, conns
+
+
+def _split_incarnations(g: pd.DataFrame) -> np.ndarray:
+    """Number the incarnations inside one 4-tuple's segments (time order)."""
+    out = np.zeros(len(g), dtype=np.int64)
+    incs: list[dict] = []  # each: {"syn": (endpoint, isn), "hi": {endpoint: next seq}}
+    for i, (src, sport, seq, ack, flags, plen) in enumerate(zip(
+            g["src"], g["sport"], g["seq"], g["ack"], g["flags"], g["plen"])):
+        ep = (src, sport)
+        if flags & (SYN | ACK) == SYN and (not incs or all(x["syn"] != (ep, seq) for x in incs)):
+            incs.append({"syn": (ep, seq), "hi": {}})
+            k = len(incs) - 1
+        elif not incs:
+            incs.append({"syn": None, "hi": {}})
+            k = 0
+        else:
+            k = _best_fit(incs, ep, seq, ack, flags)
+        x = incs[k]
+        end = (seq + plen + (1 if flags & (SYN | FIN) else 0)) % MOD
+        old = x["hi"].get(ep)
+        if old is None or 0 < (end - old) % MOD < HALF:
+            x["hi"][ep] = end
+        out[i] = k
+    return out
+
+
+UNKNOWN_SPACE = 1 << 16  # cost of a sequence space not seen yet (the new server's, before its SYN-ACK)
+
+
+def _best_fit(incs: list[dict], ep, seq: int, ack: int, flags: int) -> int:
+    """The live incarnation whose sequence spaces this segment fits best (latest on a tie);
+    a SYN-ACK belongs to the incarnation whose SYN it acknowledges."""
+    if flags & (SYN | ACK) == SYN | ACK:
+        for k in range(len(incs) - 1, -1, -1):
+            syn = incs[k]["syn"]
+            if syn is not None and syn[0] != ep and (syn[1] + 1) % MOD == ack:
+                return k
+    best, best_score = len(incs) - 1, None
+    for k in range(len(incs) - 1, max(len(incs) - 3, -1), -1):
+        hi = incs[k]["hi"]
+        score = seq_dist(seq, hi[ep]) if ep in hi else UNKNOWN_SPACE
+        peers = [v for e, v in hi.items() if e != ep]
+        if flags & ACK:
+            score += seq_dist(ack, peers[0]) if peers else UNKNOWN_SPACE
+        if best_score is None or score < best_score:
+            best, best_score = k, score
+    return best
+
+
+def _roles(seg: pd.DataFrame) -> pd.DataFrame:
+    """One row per incarnation: who is client (the SYN's sender), in order of first packet."""
+    rows = []
+    for (g, k), s in seg.groupby(["_group", "_inc"], sort=False):
+        fl = s["flags"].to_numpy()
+        syn = np.flatnonzero((fl & (SYN | ACK)) == SYN)
+        synack = np.flatnonzero((fl & (SYN | ACK)) == (SYN | ACK))
+        first = s.iloc[0]
+        if len(syn):
+            c = s.iloc[syn[0]]
+            client, server, inferred = (c.src, c.sport), (c.dst, c.dport), False
+        elif len(synack):
+            c = s.iloc[synack[0]]
+            client, server, inferred = (c.dst, c.dport), (c.src, c.sport), True
+        else:
+            client, server = _guess_roles((first.src, first.sport), (first.dst, first.dport))
+            inferred = True
+        rows.append({"_group": g, "_inc": k, "first_ts": first.ts,
+                     "client_ip": client[0], "client_port": int(client[1]),
+                     "server_ip": server[0], "server_port": int(server[1]),
+                     "roles_inferred": inferred})
+    conns = pd.DataFrame(rows, columns=["_group", "_inc", "first_ts", "client_ip", "client_port",
+                                        "server_ip", "server_port", "roles_inferred"])
+    conns = conns.sort_values("first_ts", kind="stable", ignore_index=True)
+    conns.insert(0, "conn_id", np.arange(len(conns), dtype=np.int64))
+    conns["incarnation"] = conns.groupby("_group").cumcount().astype(np.int64)
+    return conns.drop(columns=["first_ts"])
+
+
+def _guess_roles(first_sender, first_receiver):
+    """Without a SYN: the service port is the server (well-known port, or not ephemeral)."""
+    p1, p2 = first_sender[1], first_receiver[1]
+
+    def service_like(p: int) -> int:
+        return 2 if p < 1024 else 0 if EPHEMERAL[0] <= p <= 65535 else 1
+
+    if service_like(p1) > service_like(p2):
+        return first_receiver, first_sender
+    return first_sender, first_receiver

@@ -1,0 +1,242 @@
+"""One connection: facts from its segments, then both endpoints' automata driven by them.
+
+Data flows one way: `Flow` (arrays) -> `Facts` (what each side sent, which FIN, which ACKs)
+-> detectors (losses, give-up, RST kind, keepalive, ...) -> automaton inputs in time order
+-> each side's state history and the events table. What the capture point cannot vouch
+for (a FIN seen leaving, never acknowledged) makes the receiver's state UNKNOWN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import detectors as det
+from . import tcpstate as ts_
+from .tcpstate import Endpoint
+
+SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
+MOD, HALF = 1 << 32, 1 << 31
+SIDES = ("client", "server")
+
+
+def after(a: int, b: int) -> bool:
+    """a > b in 32-bit sequence space."""
+    return 0 < (a - b) % MOD < HALF
+
+
+def at_or_after(a: int, b: int) -> bool:
+    return (a - b) % MOD < HALF
+
+
+@dataclass
+class Params:
+    """Timer values the reconstruction assumes (Linux defaults; CLI --msl, --fin-timeout)."""
+
+    msl: float = 30.0          # TIME_WAIT lasts 2 * msl (Linux TCP_TIMEWAIT_LEN = 60 s)
+    fin_timeout: float = 60.0  # net.ipv4.tcp_fin_timeout: orphaned FIN_WAIT_2 lifetime
+    port_range: tuple[int, int] = (32768, 60999)  # net.ipv4.ip_local_port_range (findings)
+    close_wait_threshold: float = 10.0  # s in CLOSE_WAIT that is a leak whatever the port's habit
+
+
+@dataclass
+class Flow:
+    """A connection's segments (duplicates removed) as arrays in time order; d: 0 client, 1 server."""
+
+    ts: np.ndarray
+    d: np.ndarray
+    seq: np.ndarray
+    ack: np.ndarray
+    flags: np.ndarray
+    plen: np.ndarray
+    win: np.ndarray
+    ipid: np.ndarray
+    ttl: np.ndarray
+    tsval: np.ndarray
+    dsack: np.ndarray
+    http: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+@dataclass
+class Fin:
+    """One side's FIN: the sequence number it occupies, its transmissions, the peer's ACKs of it."""
+
+    seq: int
+    tx: list[int] = field(default_factory=list)
+    acks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Side:
+    """What one side sent, as row indices into the Flow."""
+
+    syn: list[int] = field(default_factory=list)
+    fin: Fin | None = None
+    rst: list[int] = field(default_factory=list)
+    keepalives: list[int] = field(default_factory=list)
+    keepalive_acks: list[int] = field(default_factory=list)
+    isn: int | None = None
+    snd_end: int | None = None   # highest sequence number sent + 1
+    last_tsval: int = -1
+    packets: int = 0
+    bytes: int = 0
+    after_peer_fin: int = 0      # new payload bytes sent after the peer's FIN (half-close)
+    first_data_after_peer_fin: int | None = None
+
+
+def collect(f: Flow) -> tuple[Side, Side]:
+    """One pass over the segments: SYNs, FINs and their ACKs, RSTs, keepalives, byte counts."""
+    sides = (Side(), Side())
+    last_win = [-1, -1]
+    for i in range(len(f)):
+        d = int(f.d[i])
+        me, peer = sides[d], sides[1 - d]
+        fl, seq, plen = int(f.flags[i]), int(f.seq[i]), int(f.plen[i])
+        me.packets += 1
+        me.bytes += plen
+        if f.tsval[i] >= 0:
+            me.last_tsval = int(f.tsval[i])
+        if fl & SYN:
+            me.syn.append(i)
+            if me.isn is None:
+                me.isn = seq
+        if fl & RST:
+            me.rst.append(i)
+        end = (seq + plen + (1 if fl & (SYN | FIN) else 0)) % MOD
+        if (not fl & (SYN | FIN | RST) and plen <= 1 and me.snd_end is not None
+                and (seq + 1) % MOD == me.snd_end and last_win[1 - d] != 0
+                and (plen == 0 or f.ts[i] - f.ts[max(i - 1, 0)] > 1.0)):
+            me.keepalives.append(i)  # seq = snd.una - 1: RFC 9293 3.8.4, Linux tcp_write_wakeup
+        elif (peer.keepalives and not fl & (SYN | FIN | RST) and plen == 0
+              and peer.snd_end is not None and int(f.ack[i]) == peer.snd_end
+              and (not me.keepalive_acks or me.keepalive_acks[-1] < peer.keepalives[-1])):
+            me.keepalive_acks.append(i)
+        if fl & FIN:
+            fin_seq = (seq + plen + (1 if fl & SYN else 0)) % MOD
+            if me.fin is None:
+                me.fin = Fin(fin_seq)
+            if fin_seq == me.fin.seq:
+                me.fin.tx.append(i)
+        if plen and peer.fin is not None:
+            data_end = (seq + plen) % MOD
+            new = plen if me.snd_end is None else (
+                min((data_end - me.snd_end) % MOD, plen) if after(data_end, me.snd_end) else 0)
+            if new and me.first_data_after_peer_fin is None:
+                me.first_data_after_peer_fin = i
+            me.after_peer_fin += new
+        if fl & ACK and peer.fin is not None and at_or_after(int(f.ack[i]), (peer.fin.seq + 1) % MOD):
+            peer.fin.acks.append(i)
+        if not fl & RST and (me.snd_end is None or after(end, me.snd_end)):
+            me.snd_end = end
+        last_win[d] = int(f.win[i])
+    return sides
+
+
+@dataclass
+class Result:
+    row: dict
+    events: list[tuple]
+    endpoints: tuple[Endpoint, Endpoint]
+
+
+def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float,
+                params: Params) -> Result:
+    """Reconstruct one connection incarnation: the SPEC's teardown fields and its events."""
+    sides = collect(f)
+    c = det.Context(f, sides, local, capture_end, params)
+    inputs: list[tuple] = []   # (ts, order, side, automaton input, event kind, detail)
+    events: list[tuple] = []   # (ts, side, kind, detail) for events that move no state
+
+    def put(ts, side, event, kind, detail="", order=1):
+        inputs.append((float(ts), order, side, event, kind, detail))
+
+    handshake = det.handshake(c)
+    ends = (Endpoint(), Endpoint())
+    first = float(f.ts[0])
+    if sides[0].syn and not (f.flags[sides[0].syn[0]] & ACK):
+        for n, i in enumerate(sides[0].syn):
+            if n == 0:
+                put(f.ts[i], 0, ts_.SEND_SYN, "SYN")
+            else:
+                events.append((f.ts[i], 0, "SYN", f"retransmission {n}"))
+        if sides[1].syn:
+            ends[1].start("LISTEN", first)
+            i = sides[1].syn[0]
+            put(f.ts[i], 1, ts_.RECV_SYN, "SYN_ACK")
+            est = det.client_ack_of_synack(c)
+            got = f.ts[i] if 0 in local else (f.ts[est] if est is not None else None)
+            if got is not None:
+                put(got, 0, ts_.RECV_SYNACK, "ESTABLISHED")
+            if est is not None:
+                put(f.ts[est], 1, ts_.RECV_ACK_OF_SYN, "ESTABLISHED")
+    else:  # the capture began mid-connection
+        ends[0].start("ESTABLISHED", first)
+        ends[1].start("ESTABLISHED", first)
+
+    for s in (0, 1):
+        fin = sides[s].fin
+        if fin is None:
+            continue
+        prev = None
+        for n, i in enumerate(fin.tx):
+            if n == 0:
+                put(f.ts[i], s, ts_.SEND_FIN, "FIN", "with data" if f.plen[i] else "")
+            else:
+                events.append((f.ts[i], s, "FIN_RETRANSMIT", f"+{f.ts[i] - f.ts[prev]:.3f} s"))
+            prev = i
+        got = c.fin_received_at(s)
+        if got is not None:  # proven by the receiver's own segment: received before it was sent
+            put(got, 1 - s, ts_.RECV_FIN, "STATE", f"received {SIDES[s]} FIN",
+                order=2 if 1 - s in local else 0)
+        else:
+            put(f.ts[fin.tx[0]], 1 - s, ts_.LOST_TRACK, "STATE",
+                f"{SIDES[s]} FIN seen, no proof it arrived", order=2)
+        acked = c.fin_ack_received_at(s)
+        if acked is not None:
+            put(acked[0], s, ts_.RECV_ACK_OF_FIN, "STATE", f"{SIDES[1 - s]} ACK of FIN received", order=1)
+            events.append((f.ts[fin.acks[0]], 1 - s, "ACK_OF_FIN", f"ack {int(f.ack[fin.acks[0]])}"))
+        giveup = det.fin_giveup(c, s)
+        if giveup is not None:
+            put(giveup["at"], s, ts_.RETRIES_EXHAUSTED, "STATE",
+                f"FIN sent {len(fin.tx)} times, never acknowledged: socket dropped")
+
+    rst_kind = det.rst_kind(c)
+    for s in (0, 1):
+        if sides[s].rst:
+            i = sides[s].rst[0]
+            fw2 = det.fin_wait2_expiry(c, s)
+            if fw2 is not None:
+                put(fw2, s, ts_.FIN_WAIT2_EXPIRED, "STATE", "orphaned FIN_WAIT_2 expired", order=0)
+            put(f.ts[i], s, ts_.SEND_RST, "RST", rst_kind or "")
+            put(f.ts[i], 1 - s, ts_.RECV_RST, "STATE", f"{SIDES[s]} RST received", order=3)
+
+    inputs.sort(key=lambda x: (x[0], x[1]))
+    rows = []
+    for t, _, s, event, kind, detail in inputs:
+        moved = ends[s].handle(event, t)
+        if moved is None and kind == "STATE":
+            continue
+        rows.append((t, s, kind, moved[0] if moved else ends[s].state,
+                     moved[1] if moved else ends[s].state, detail))
+    tw = det.time_wait(c, ends)
+    for t, s, detail in tw["reacks"]:
+        rows.append((t, s, "TW_REACK", "TIME_WAIT", "TIME_WAIT", detail))
+    if tw["side"] is not None and tw["end"] <= capture_end:
+        s = tw["side"]
+        moved = ends[s].handle(ts_.TIMEWAIT_EXPIRED, tw["end"])
+        if moved:
+            rows.append((tw["end"], s, "STATE", *moved, "2MSL expired"))
+    for t, s, kind, detail in events + det.keepalive_events(c) + det.half_close_events(c):
+        st = ends[s].state_at(t) or ""
+        rows.append((float(t), s, kind, st, st, detail))
+    losses = det.losses(c)
+    for loss in losses:
+        rows.append((loss["ts"], loss["side"], "LOSS", "", "", f"wave {loss['wave']} lost "
+                     f"{loss['position'].replace('_', ' ')}"))
+    rows.sort(key=lambda r: r[0])
+
+    row = det.connection_fields(c, ends, handshake, rst_kind, tw, losses, vantage)
+    return Result(row, rows, ends)
