@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from . import tcpstate as ts_
 from . import vantage as vt
 from .capture import CaptureInfo, read_captures
 from .detectors import handshake_times
@@ -186,7 +187,8 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params) -
         endpoints[cid] = res.endpoints
         events += [(cid, t, SIDE_NAMES[s], kind, a, b, d) for t, s, kind, a, b, d in res.events]
     table = conns.merge(pd.DataFrame(rows), on="conn_id", how="left")
-    table = _reuse(table, flows, params)
+    table, reuse_events = _reuse(table, flows, endpoints)
+    events += reuse_events
     dup = seg.groupby("conn")["dup"].sum()
     table["duplicates"] = table["conn_id"].map(dup).fillna(0).astype(int)
     table = table.set_index("conn_id", drop=False).rename_axis(None)
@@ -220,33 +222,43 @@ def _vantages(conns: pd.DataFrame, flows: dict) -> dict[int, str]:
     return out
 
 
-def _reuse(table: pd.DataFrame, flows: dict, params: Params) -> pd.DataFrame:
-    """4-tuple reuse inside TIME_WAIT: gap and RFC 6191 safety of the new SYN."""
+def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFrame, list]:
+    """4-tuple reuse inside TIME_WAIT: gap, RFC 6191 safety of the new SYN, and the old
+    TIME_WAIT ended by it (Linux hands the slot to the new connection)."""
     table = table.copy()
     table["reused_4tuple"] = False
     table["reuse_gap_s"] = None
     table["reuse_check"] = None
     table["reuse_isn_signature"] = False
-    key = table.apply(lambda r: tuple(sorted([(r.client_ip, r.client_port),
-                                              (r.server_ip, r.server_port)])), axis=1)
+    events = []
+    key = [str(sorted([(c, cp), (s, sp)]))  # the same 4-tuple whichever side is client
+           for c, cp, s, sp in table[["client_ip", "client_port", "server_ip", "server_port"]]
+           .itertuples(index=False)]
     for _, grp in table.groupby(key, sort=False):
-        if len(grp) < 2:
-            continue
         grp = grp.sort_values("incarnation")
         for (i_old, old), (i_new, new) in zip(grp.iterrows(), list(grp.iterrows())[1:]):
             fnew = flows[new.conn_id]
             syn = np.flatnonzero((fnew.flags & 0x12) == 0x02)
-            if not len(syn) or old.time_wait_start is None or pd.isna(old.time_wait_start):
+            if not len(syn) or pd.isna(old.time_wait_start):
                 continue
             t = float(fnew.ts[syn[0]])
             if t >= old.time_wait_end:
                 continue
-            table.at[i_new, "reused_4tuple"] = True
-            table.at[i_new, "reuse_gap_s"] = round(t - old.time_wait_start, 6)
+            gap = round(t - old.time_wait_start, 6)
             check, signature = _reuse_check(flows[old.conn_id], fnew, old, new, syn[0])
-            table.at[i_new, "reuse_check"] = check
-            table.at[i_new, "reuse_isn_signature"] = signature
-    return table
+            table.loc[i_new, ["reused_4tuple", "reuse_gap_s", "reuse_check", "reuse_isn_signature"]] = \
+                [True, gap, check, signature]
+            events.append((new.conn_id, t, "client", "TW_REUSE", "SYN_SENT", "SYN_SENT",
+                           f"{gap:.3f} s after TIME_WAIT began on connection {old.conn_id}; {check}"
+                           + ("; ISN = old snd.nxt + 65537 (Linux reused the slot)" if signature else "")))
+            for s, side in enumerate(("client", "server")):
+                moved = endpoints[old.conn_id][s].handle(ts_.TW_REPLACED, t)
+                if moved:
+                    table.loc[i_old, f"{side}_state_end"] = endpoints[old.conn_id][s].state
+                    table.loc[i_old, "time_wait_end"] = t
+                    events.append((old.conn_id, t, side, "STATE", *moved,
+                                   f"TIME_WAIT taken over by connection {new.conn_id}"))
+    return table, events
 
 
 def _reuse_check(fold: Flow, fnew: Flow, old, new, k: int) -> tuple[str, bool]:

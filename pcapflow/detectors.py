@@ -356,9 +356,6 @@ def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, t
         if sides[s].fin:
             teardown_rows += sides[s].fin.tx + sides[s].fin.acks
     start_td = min((f.ts[i] for i in teardown_rows), default=None)
-    if active is None and rst_sides:
-        active = min(rst_sides, key=lambda s: sides[s].rst[0]) if handshake_state != "partial" \
-            or sides[1].syn else None
     end = c.capture_end
 
     def time_in(s: int, state: str) -> float | None:

@@ -24,6 +24,7 @@ TIMEWAIT_EXPIRED = "2MSL timer expired"
 FIN_WAIT2_EXPIRED = "tcp_fin_timeout expired"
 RETRIES_EXHAUSTED = "FIN retransmissions exhausted"  # tcp_orphan_retries: socket destroyed silently
 LOST_TRACK = "cannot tell"  # the capture point has no proof of what this endpoint received
+TW_REPLACED = "new SYN on the 4-tuple"  # TIME_WAIT slot taken by a new incarnation (tw_reuse, RFC 6191)
 
 RESETTABLE = ("LISTEN", "SYN_SENT", "SYN_RECEIVED", "ESTABLISHED", "FIN_WAIT_1", "FIN_WAIT_2",
               "CLOSING", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK", "UNKNOWN")
@@ -43,6 +44,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("FIN_WAIT_1", RECV_FIN): "CLOSING",
     ("CLOSING", RECV_ACK_OF_FIN): "TIME_WAIT",
     ("TIME_WAIT", TIMEWAIT_EXPIRED): "CLOSED",
+    ("TIME_WAIT", TW_REPLACED): "CLOSED",
     # Closing second (passive close).
     ("SYN_RECEIVED", RECV_FIN): "CLOSE_WAIT",
     ("ESTABLISHED", RECV_FIN): "CLOSE_WAIT",

@@ -211,7 +211,11 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
             if fw2 is not None:
                 put(fw2, s, ts_.FIN_WAIT2_EXPIRED, "STATE", "orphaned FIN_WAIT_2 expired", order=0)
             put(f.ts[i], s, ts_.SEND_RST, "RST", rst_kind or "")
-            put(f.ts[i], 1 - s, ts_.RECV_RST, "STATE", f"{SIDES[s]} RST received", order=3)
+            if rst_kind == "keepalive_timeout" and 1 - s not in local:  # the peer is unreachable
+                put(f.ts[i], 1 - s, ts_.LOST_TRACK, "STATE", "peer unreachable: RST may not arrive",
+                    order=3)
+            else:
+                put(f.ts[i], 1 - s, ts_.RECV_RST, "STATE", f"{SIDES[s]} RST received", order=3)
 
     inputs.sort(key=lambda x: (x[0], x[1]))
     rows = []

@@ -208,7 +208,7 @@ def test_rst_with_ack_from_a_side_without_fin_is_an_abort():
     s.send("s", "PA", 0.5, plen=10)
     s.send("c", "RA", 0.6)
     r = row(s.analyze())
-    assert (r.close_type, r.rst_by, r.rst_kind, r.active_closer) == ("reset", "client", "abort", "client")
+    assert (r.close_type, r.rst_by, r.rst_kind, r.active_closer) == ("reset", "client", "abort", "none")
     assert (r.client_state_end, r.server_state_end) == ("CLOSED", "CLOSED")
 
 
