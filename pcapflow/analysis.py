@@ -19,8 +19,14 @@ from .flows import assign_connections
 from .teardown import Flow, Params, reconstruct
 
 SCHEMA = "pcapflow/1"
-ENDPOINT_COLUMNS = ["conn_id", "client_ip", "client_port", "server_ip", "server_port",
-                    "roles_inferred", "incarnation", "first_ts", "last_ts"]
+CONNECTION_COLUMNS = """conn_id client_ip client_port server_ip server_port roles_inferred
+incarnation first_ts last_ts handshake vantage close_type active_closer client_state_end
+server_state_end client_fin_ts server_fin_ts client_fin_retransmits server_fin_retransmits
+client_fin_backoff server_fin_backoff fin_rto_estimate fin_backoff_exponential
+orphan_retries_estimate lost_waves losses rst_by rst_kind time_wait_side time_wait_start
+time_wait_end time_wait_restarts reused_4tuple reuse_gap_s reuse_check reuse_isn_signature
+half_close_bytes close_wait_s fin_wait2_s fin_wait2_timeout client_keepalives
+server_keepalives teardown_s packets client_bytes server_bytes duplicates""".split()
 EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
 SIDE_NAMES = ("client", "server")
 FLOW_FIELDS = ["ts", "d", "seq", "ack", "flags", "plen", "win", "ipid", "ttl", "tsval", "dsack", "http"]
@@ -158,8 +164,12 @@ def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
     """Analyze captures (a path, '-', an open binary file, or a list of them) as one timeline."""
     segments, captures = read_captures(sources, progress=progress)
     if filter:
-        from .bpf import apply_filter
-        segments = apply_filter(segments, filter)
+        from .bpf import parse
+        keep = parse(filter)(segments)
+        for index, n in segments.loc[~keep, "capture"].value_counts().items():
+            captures[index].skipped["filtered"] = int(n)  # counted, like every skipped packet
+            captures[index].tcp_packets -= int(n)
+        segments = segments[keep].reset_index(drop=True)
     return build(segments, captures, Params(msl=msl, fin_timeout=fin_timeout))
 
 
@@ -186,12 +196,15 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params) -
                      **res.row})
         endpoints[cid] = res.endpoints
         events += [(cid, t, SIDE_NAMES[s], kind, a, b, d) for t, s, kind, a, b, d in res.events]
+    if not rows:
+        return Analysis(seg, captures, pd.DataFrame(columns=CONNECTION_COLUMNS),
+                        pd.DataFrame(columns=EVENT_COLUMNS), params, {})
     table = conns.merge(pd.DataFrame(rows), on="conn_id", how="left")
     table, reuse_events = _reuse(table, flows, endpoints)
     events += reuse_events
     dup = seg.groupby("conn")["dup"].sum()
     table["duplicates"] = table["conn_id"].map(dup).fillna(0).astype(int)
-    table = table.set_index("conn_id", drop=False).rename_axis(None)
+    table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
     ev = pd.DataFrame(events, columns=EVENT_COLUMNS).sort_values(["ts", "conn_id"], kind="stable",
                                                                  ignore_index=True)
     return Analysis(seg, captures, table, ev, params, endpoints)

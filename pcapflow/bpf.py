@@ -10,17 +10,12 @@ import ipaddress
 import re
 
 import numpy as np
-import pandas as pd
 
 TOKEN = re.compile(r"\s*(\(|\)|&&|\|\||!|[^\s()!&|]+)")
 
 
 class FilterError(ValueError):
     """The filter expression cannot be understood; the message says where."""
-
-
-def apply_filter(seg: pd.DataFrame, expr: str) -> pd.DataFrame:
-    return seg[parse(expr)(seg)].reset_index(drop=True)
 
 
 def parse(expr: str):

@@ -113,7 +113,7 @@ def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_r
             with open(output, "w") as fh:
                 fh.write(text + ("" if text.endswith("\n") else "\n"))
         else:
-            click.echo(text)
+            click.echo(text, nl=not text.endswith("\n"))
     if charts:
         from .report.charts import write_charts
         for path in write_charts(a, charts):

@@ -57,6 +57,10 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     seg = seg.copy()
     seg["dup"] = mark_duplicates(seg)
+    if seg.empty:
+        seg["conn"], seg["dir"] = pd.Series(dtype="int64"), pd.Series(dtype="int8")
+        return seg, pd.DataFrame(columns=["conn_id", "client_ip", "client_port", "server_ip",
+                                          "server_port", "roles_inferred", "incarnation"])
     a = seg["src"] + "|" + seg["sport"].astype(str)
     b = seg["dst"] + "|" + seg["dport"].astype(str)
     lo = np.where(a < b, a, b)

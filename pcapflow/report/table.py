@@ -59,9 +59,10 @@ def render(a, width: int | None = None, max_rows: int = 200) -> str:
     for r in c.head(max_rows).itertuples():
         ends = f"{clean(r.client_ip)}:{r.client_port} > {clean(r.server_ip)}:{r.server_port}"
         line = (f"{r.conn_id:>5} {ends[:38]:<38} {r.close_type:<14} {r.active_closer:<6} "
-                f"{STATE_SHORT[r.client_state_end]:<10} {STATE_SHORT[r.server_state_end]:<10} "
-                f"{anomalies(r)}")
-        lines.append(line[:width])
+                f"{STATE_SHORT[r.client_state_end]:<10} {STATE_SHORT[r.server_state_end]:<10} ")
+        notes = textwrap.wrap(anomalies(r), max(width - len(line), 20)) or [""]
+        lines.append(line + notes[0])
+        lines += [" " * 6 + "notes: " + n for n in notes[1:]]
     if len(c) > max_rows:
         lines.append(f"... {len(c) - max_rows} more (use --format csv/json for all)")
     lines.append("")

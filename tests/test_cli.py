@@ -1,0 +1,141 @@
+"""The command line as a user meets it: formats, SPEC fields, exit codes, one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pcapflow import vocab
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_pcaps"
+SPEC_CONNECTION_FIELDS = """conn_id client_ip client_port server_ip server_port roles_inferred
+incarnation first_ts last_ts handshake vantage close_type active_closer client_state_end
+server_state_end client_fin_ts server_fin_ts client_fin_retransmits server_fin_retransmits
+client_fin_backoff server_fin_backoff lost_waves losses rst_by rst_kind time_wait_side
+time_wait_start time_wait_end time_wait_restarts reused_4tuple reuse_gap_s reuse_check
+half_close_bytes close_wait_s fin_wait2_s client_keepalives server_keepalives teardown_s
+packets client_bytes server_bytes""".split()
+SPEC_EVENT_FIELDS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
+SPEC_FINDING_FIELDS = ["kind", "severity", "host", "port", "count", "conn_ids", "summary",
+                       "explanation", "suggestion"]
+
+
+def pcapflow(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "pcapflow", *map(str, args)], capture_output=True,
+                          text=True, input=stdin, cwd=ROOT, timeout=300)
+
+
+def test_json_carries_every_spec_field_and_only_vocabulary_values():
+    r = pcapflow("analyze", SAMPLE / "lost_wave4" / "client.pcap", SAMPLE / "refused" / "client.pcap",
+                 "--format", "json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "pcapflow/1" and len(doc["captures"]) == 2
+    for cap in doc["captures"]:
+        assert cap["packets"] == cap["tcp_packets"] + sum(cap["skipped"].values())
+    assert len(doc["connections"]) == 2
+    for conn in doc["connections"]:
+        assert set(SPEC_CONNECTION_FIELDS) <= set(conn)
+        assert conn["close_type"] in vocab.CLOSE_TYPES
+        assert conn["client_state_end"] in vocab.STATES and conn["server_state_end"] in vocab.STATES
+        assert conn["rst_kind"] is None or conn["rst_kind"] in vocab.RST_KINDS
+    assert {e["kind"] for e in doc["events"]} <= set(vocab.EVENT_KINDS)
+    assert all(set(SPEC_EVENT_FIELDS) <= set(e) for e in doc["events"])
+    assert all(set(SPEC_FINDING_FIELDS) <= set(f) for f in doc["findings"])
+    tw = [c for c in doc["connections"] if c["time_wait_restarts"] == 1]
+    assert len(tw) == 1 and tw[0]["lost_waves"] == [4]
+
+
+def test_table_fits_100_columns_and_names_the_teardown():
+    r = pcapflow("analyze", SAMPLE / "lost_wave1" / "client.pcap")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 120
+    conn = next(line for line in lines if "10.0.1.2:" in line and "four_way" in line)
+    assert "client" in conn and "TIME_WAIT" in conn and "lost w1" in conn and "cFINx2" in conn
+    assert any("packets =" in line and "TCP" in line for line in lines)
+
+
+def test_csv_and_parquet_hold_the_connections(tmp_path):
+    out = tmp_path / "c.csv"
+    r = pcapflow("analyze", SAMPLE / "http_pileup" / "server.pcap", "--format", "csv", "-o", out)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert len(df) == 200 and (df["time_wait_side"] == "server").all()
+    pq = tmp_path / "c.parquet"
+    r = pcapflow("analyze", SAMPLE / "http_pileup" / "server.pcap", "--format", "parquet", "-o", pq)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_parquet(pq)) == 200
+
+
+def test_stdin_is_read_with_dash():
+    data = (SAMPLE / "three_way" / "server.pcap").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "pcapflow", "analyze", "-", "--format", "csv"],
+                       input=data, capture_output=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"three_way" in r.stdout
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p / "missing.pcap", "no such file"),
+    (lambda p: p, "is a directory"),
+    (lambda p: (p / "t.txt").write_text("hello, not a capture\n") and p / "t.txt", "not a pcap"),
+    (lambda p: (p / "e.pcap").write_bytes(b"") or p / "e.pcap", "empty"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, make, reason):
+    r = pcapflow("analyze", make(tmp_path))
+    assert r.returncode == 2
+    assert reason in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_filter_is_exit_2():
+    r = pcapflow("analyze", SAMPLE / "refused" / "client.pcap", "--filter", "hots 1.2.3.4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_filter_keeps_matching_connections():
+    r = pcapflow("analyze", SAMPLE / "process_killed" / "server.pcap", "--format", "csv",
+                 "--filter", "port 8080 and not host 10.9.9.9")
+    assert r.returncode == 0 and r.stdout.count("\n") == 3
+    r = pcapflow("analyze", SAMPLE / "process_killed" / "server.pcap", "--format", "csv",
+                 "--filter", "port 9")
+    assert r.returncode == 0 and r.stdout.count("\n") == 1
+
+
+def test_truncated_capture_is_analyzed_with_a_warning(tmp_path):
+    data = (SAMPLE / "four_way_client_first" / "client.pcap").read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[:-30])
+    r = pcapflow("analyze", cut, "--format", "json")
+    assert r.returncode == 0
+    assert "warning" in r.stderr and "cut short" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["captures"][0]["truncated"] and doc["captures"][0]["packets"] >= 9
+
+
+def test_states_prints_netstat_like_counts():
+    r = pcapflow("states", SAMPLE / "close_wait_many" / "server.pcap")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert "10.0.2.2" in text and "CLOSE_WAIT" in text
+    line = next(x for x in text.splitlines() if "CLOSE_WAIT" in x)
+    assert line.split()[-1] == "3"
+
+
+def test_show_tells_one_connection():
+    r = pcapflow("show", SAMPLE / "lost_wave4" / "client.pcap", "0")
+    assert r.returncode == 0, r.stderr
+    assert "TW_REACK" in r.stdout and "FIN_WAIT_2 -> TIME_WAIT" in r.stdout
+    r = pcapflow("show", SAMPLE / "lost_wave4" / "client.pcap", "99")
+    assert r.returncode == 2 and "no connection 99" in r.stderr
+
+
+def test_readme_lists_every_vocabulary_value():
+    readme = (ROOT / "README.md").read_text()
+    for names in (vocab.CLOSE_TYPES, vocab.RST_KINDS, vocab.FINDING_KINDS, vocab.VANTAGES):
+        for name in names:
+            assert f"`{name}`" in readme, name
