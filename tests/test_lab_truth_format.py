@@ -18,18 +18,50 @@ CORPUS = Path(__file__).resolve().parent.parent / "sample_pcaps"
 SCENARIOS = sorted(p.parent.name for p in CORPUS.glob("*/truth.json"))
 PCAPS = {"client": "client.pcap", "middle": "router.pcap", "server": "server.pcap"}
 
-CLOSE_TYPES = {"four_way", "three_way", "simultaneous", "reset", "fin_then_reset", "refused",
-               "unanswered", "half_closed", "closing", "abandoned", "open"}
+CLOSE_TYPES = {
+    "four_way",
+    "three_way",
+    "simultaneous",
+    "reset",
+    "fin_then_reset",
+    "refused",
+    "unanswered",
+    "half_closed",
+    "closing",
+    "abandoned",
+    "open",
+}
 CLOSERS = {"client", "server", "both", "none"}
-STATES = {"SYN_SENT", "SYN_RECEIVED", "ESTABLISHED", "FIN_WAIT_1", "FIN_WAIT_2", "CLOSING",
-          "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK", "CLOSED", "UNKNOWN"}
+STATES = {
+    "SYN_SENT",
+    "SYN_RECEIVED",
+    "ESTABLISHED",
+    "FIN_WAIT_1",
+    "FIN_WAIT_2",
+    "CLOSING",
+    "TIME_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "CLOSED",
+    "UNKNOWN",
+}
 SS_STATES = STATES | {"LISTEN"}  # ss also lists the listening sockets
 RST_BY = {"client", "server", "both", "none"}
 RST_KINDS = {"abort", "reply_to_closed", "refused", "keepalive_timeout", "other", None}
 TW_SIDES = {"client", "server", "both", "none"}
-EXPECT_KEYS = {"close_type", "active_closer", "client_state_end", "server_state_end",
-               "client_fin_retransmits", "server_fin_retransmits", "lost_waves", "rst_by",
-               "rst_kind", "time_wait_side", "reused_4tuple"}
+EXPECT_KEYS = {
+    "close_type",
+    "active_closer",
+    "client_state_end",
+    "server_state_end",
+    "client_fin_retransmits",
+    "server_fin_retransmits",
+    "lost_waves",
+    "rst_by",
+    "rst_kind",
+    "time_wait_side",
+    "reused_4tuple",
+}
 LINKS = {1: dpkt.ethernet.Ethernet, 113: dpkt.sll.SLL, 276: dpkt.sll2.SLL2}
 
 

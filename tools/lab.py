@@ -26,12 +26,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lab_pcap  # noqa: E402
+import lab_pcap
 
 LAB_VERSION = 1
 PEERS = str(Path(__file__).resolve().parent / "lab_peers.py")
@@ -40,22 +41,44 @@ NS = {"client": "pf-c", "router": "pf-r", "server": "pf-s"}
 IFACE = {"client": "veth-c", "server": "veth-s"}  # the router ends are veth-rc, veth-rs
 ADDR = {
     4: {"client": "10.0.1.2", "server": "10.0.2.2", "rc": "10.0.1.1", "rs": "10.0.2.1", "plen": 24},
-    6: {"client": "fd00:1::2", "server": "fd00:2::2", "rc": "fd00:1::1", "rs": "fd00:2::1", "plen": 64},
+    6: {
+        "client": "fd00:1::2",
+        "server": "fd00:2::2",
+        "rc": "fd00:1::1",
+        "rs": "fd00:2::1",
+        "plen": 64,
+    },
 }
 PORT = 8080
 DELAY_MS = 10
 RECORDED_SYSCTLS = [
-    "net.ipv4.tcp_orphan_retries", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_tw_reuse",
-    "net.ipv4.tcp_tw_reuse_delay", "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes", "net.ipv4.tcp_timestamps", "net.ipv4.ip_local_port_range",
-    "net.ipv4.tcp_max_tw_buckets", "net.ipv4.tcp_rfc1337", "net.ipv4.tcp_sack",
-    "net.ipv4.tcp_dsack", "net.ipv4.tcp_early_retrans", "net.ipv4.tcp_retries2",
+    "net.ipv4.tcp_orphan_retries",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_tw_reuse",
+    "net.ipv4.tcp_tw_reuse_delay",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.tcp_timestamps",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_max_tw_buckets",
+    "net.ipv4.tcp_rfc1337",
+    "net.ipv4.tcp_sack",
+    "net.ipv4.tcp_dsack",
+    "net.ipv4.tcp_early_retrans",
+    "net.ipv4.tcp_retries2",
     "net.ipv4.tcp_syn_retries",
 ]
 SS_STATES = {
-    "ESTAB": "ESTABLISHED", "SYN-SENT": "SYN_SENT", "SYN-RECV": "SYN_RECEIVED",
-    "FIN-WAIT-1": "FIN_WAIT_1", "FIN-WAIT-2": "FIN_WAIT_2", "CLOSING": "CLOSING",
-    "TIME-WAIT": "TIME_WAIT", "CLOSE-WAIT": "CLOSE_WAIT", "LAST-ACK": "LAST_ACK",
+    "ESTAB": "ESTABLISHED",
+    "SYN-SENT": "SYN_SENT",
+    "SYN-RECV": "SYN_RECEIVED",
+    "FIN-WAIT-1": "FIN_WAIT_1",
+    "FIN-WAIT-2": "FIN_WAIT_2",
+    "CLOSING": "CLOSING",
+    "TIME-WAIT": "TIME_WAIT",
+    "CLOSE-WAIT": "CLOSE_WAIT",
+    "LAST-ACK": "LAST_ACK",
     "UNCONN": "CLOSED",
 }
 
@@ -63,7 +86,7 @@ SS_STATES = {
 def sh(ns: str | None, *cmd: str, check: bool = True) -> str:
     """Run a command (inside namespace ns unless None) and return its stdout."""
     full = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
-    res = subprocess.run(full, capture_output=True, text=True)
+    res = subprocess.run(full, capture_output=True, text=True, check=False)
     if check and res.returncode:
         raise RuntimeError(f"{' '.join(full)} failed: {res.stderr.strip()}")
     return res.stdout
@@ -71,10 +94,11 @@ def sh(ns: str | None, *cmd: str, check: bool = True) -> str:
 
 # ---------------------------------------------------------------- topology and captures
 
+
 class Topology:
     """Three fresh namespaces; always deleted on exit, also on error."""
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Self:
         self.delete()
         try:
             self.build()
@@ -100,12 +124,18 @@ class Topology:
             for key in ("all", "default"):
                 sh(ns, "sysctl", "-qw", f"net.ipv6.conf.{key}.accept_dad=0")
         r = NS["router"]
-        sh(None, "ip", "link", "add", "veth-c", "netns", NS["client"], "type", "veth",
-           "peer", "name", "veth-rc", "netns", r)
-        sh(None, "ip", "link", "add", "veth-s", "netns", NS["server"], "type", "veth",
-           "peer", "name", "veth-rs", "netns", r)
-        links = [(NS["client"], "veth-c", "client", "rc"), (r, "veth-rc", "rc", None),
-                 (NS["server"], "veth-s", "server", "rs"), (r, "veth-rs", "rs", None)]
+        for end, peer in (("client", "veth-rc"), ("server", "veth-rs")):
+            sh(
+                None,
+                *f"ip link add {IFACE[end]} netns {NS[end]} type veth "
+                f"peer name {peer} netns {r}".split(),
+            )
+        links = [
+            (NS["client"], "veth-c", "client", "rc"),
+            (r, "veth-rc", "rc", None),
+            (NS["server"], "veth-s", "server", "rs"),
+            (r, "veth-rs", "rs", None),
+        ]
         for ns, dev, me, gw in links:
             # Real wire segments in the captures: no segmentation or receive offloads.
             sh(ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off")
@@ -117,21 +147,35 @@ class Topology:
                     sh(ns, "ip", f"-{fam}", "route", "add", "default", "via", a[gw])
         sh(r, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         # Faults first (priority -10), then the delay queue (iptables filter, priority 0).
-        nft(["table inet lab {", "chain faults {",
-             "type filter hook forward priority -10; policy accept;", "}", "}"])
+        nft(
+            [
+                "table inet lab {",
+                "chain faults {",
+                "type filter hook forward priority -10; policy accept;",
+                "}",
+                "}",
+            ]
+        )
         for tables in ("iptables-legacy", "ip6tables-legacy"):
             sh(r, tables, "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
         self.delayer = subprocess.Popen(
             ["ip", "netns", "exec", r, sys.executable, DELAYER, "0", str(DELAY_MS)],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if self.delayer.stdout.readline().strip() != "ready":
             raise RuntimeError("the NFQUEUE delayer did not start")
 
 
 def nft(lines: list[str]) -> None:
     """Load nftables statements into the router."""
-    res = subprocess.run(["ip", "netns", "exec", NS["router"], "nft", "-f", "-"],
-                         input="\n".join(lines) + "\n", capture_output=True, text=True)
+    res = subprocess.run(
+        ["ip", "netns", "exec", NS["router"], "nft", "-f", "-"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if res.returncode:
         raise RuntimeError(f"nft failed: {res.stderr.strip()}\n" + "\n".join(lines))
 
@@ -150,10 +194,13 @@ class Captures:
 
     def start(self) -> None:
         for name, (ns, iface, path) in self.specs.items():
+            cmd = ["tcpdump", "-U", "--immediate-mode", "-n", "-s", "512", "-Z", "root"]
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, "tcpdump", "-U", "--immediate-mode", "-n", "-s", "512", "-Z", "root",
-                 *iface, "-w", str(path), "tcp"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                ["ip", "netns", "exec", ns, *cmd, *iface, "-w", str(path), "tcp"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             self.procs[name] = proc
             line = proc.stderr.readline()
             while line and "listening on" not in line:
@@ -178,6 +225,7 @@ class Captures:
 
 # ---------------------------------------------------------------- scenario description
 
+
 @dataclass
 class Fault:
     """nftables rules in the router forward chain; every drop rule is counted by name."""
@@ -196,8 +244,11 @@ def drop_first(name: str, match: str, n: int = 1, armed_by: str | None = None) -
     """
     rules = [f"{armed_by} ct mark set ct mark | 0x100"] if armed_by else []
     arm = " ct mark & 0x100 == 0x100" if armed_by else ""
-    rules += [f"{match}{arm} ct mark & 0xff == {k} ct mark set ct mark & 0xffffff00 | {k + 1}"
-              f' counter drop comment "{name}"' for k in range(n)]
+    rules += [
+        f"{match}{arm} ct mark & 0xff == {k} ct mark set ct mark & 0xffffff00 | {k + 1}"
+        f' counter drop comment "{name}"'
+        for k in range(n)
+    ]
     return Fault(name, rules, n)
 
 
@@ -208,11 +259,17 @@ def drop_all(name: str, match: str, drops: int | None = None) -> Fault:
 def conn(**kw: object) -> dict:
     """Designed facts of one connection; tuples mean "any of these, measured"."""
     base = {
-        "close_type": "four_way", "active_closer": "client",
-        "client_state_end": "CLOSED", "server_state_end": "CLOSED",
-        "client_fin_retransmits": 0, "server_fin_retransmits": 0,
-        "lost_waves": [], "rst_by": "none", "rst_kind": None,
-        "time_wait_side": "client", "reused_4tuple": False,
+        "close_type": "four_way",
+        "active_closer": "client",
+        "client_state_end": "CLOSED",
+        "server_state_end": "CLOSED",
+        "client_fin_retransmits": 0,
+        "server_fin_retransmits": 0,
+        "lost_waves": [],
+        "rst_by": "none",
+        "rst_kind": None,
+        "time_wait_side": "client",
+        "reused_4tuple": False,
     }
     return base | kw
 
@@ -221,7 +278,7 @@ def conn(**kw: object) -> dict:
 class Scenario:
     name: str
     description: str
-    run: Callable[["Run"], list[dict]]
+    run: Callable[[Run], list[dict]]
     family: int = 4
     sysctls: dict[str, dict[str, str]] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
@@ -236,10 +293,12 @@ def scenario(description: str, **kw: object) -> Callable:
     def register(fn: Callable) -> Callable:
         SCENARIOS[fn.__name__] = Scenario(fn.__name__, description, fn, **kw)
         return fn
+
     return register
 
 
 # ---------------------------------------------------------------- running one scenario
+
 
 class Run:
     """What a scenario function gets: peers, sync files, addresses, dynamic faults."""
@@ -255,8 +314,12 @@ class Run:
         self.notes: dict[str, object] = {}  # scenario facts worth keeping (e.g. aggregate knobs)
 
     def spawn(self, side: str, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", NS[side], sys.executable, PEERS, *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", NS[side], sys.executable, PEERS, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.procs.append((side, proc))
         return proc
 
@@ -275,8 +338,9 @@ class Run:
 
     def server(self, *steps: str) -> subprocess.Popen:
         """Start a listening server running `steps` per the step language; wait until bound."""
-        proc = self.steps("server", f"listen {self.server_ip} {PORT}", f"touch {self.file('ready')}",
-                          *steps)
+        proc = self.steps(
+            "server", f"listen {self.server_ip} {PORT}", f"touch {self.file('ready')}", *steps
+        )
         self.wait_file("ready")
         return proc
 
@@ -312,8 +376,14 @@ class Run:
 
     def snapshot(self, label: str) -> None:
         """An extra ss snapshot in the middle of the scenario (e.g. an orphan's timer)."""
-        self.snapshots.append({"label": label, "taken_at": time.time(),
-                               "client": ss("client"), "server": ss("server")})
+        self.snapshots.append(
+            {
+                "label": label,
+                "taken_at": time.time(),
+                "client": ss("client"),
+                "server": ss("server"),
+            }
+        )
 
     def logs(self) -> list[dict]:
         """Stop every peer still running (after the captures stopped) and collect its events."""
@@ -322,7 +392,9 @@ class Run:
             if proc.pid not in self.output:
                 proc.kill()
                 self.output[proc.pid] = proc.communicate()[0]
-            out += [{"peer": side, **json.loads(line)} for line in self.output[proc.pid].splitlines()]
+            out += [
+                {"peer": side, **json.loads(line)} for line in self.output[proc.pid].splitlines()
+            ]
         return out
 
 
@@ -331,9 +403,16 @@ def ss(side: str) -> list[dict]:
     rows = []
     for line in sh(NS[side], "ss", "-Htanoe").splitlines():
         parts = line.split()
-        timer = next((p[len("timer:("):-1] for p in parts if p.startswith("timer:(")), None)
-        rows.append({"state": SS_STATES.get(parts[0], parts[0]), "local": parts[3],
-                     "peer": parts[4], "timer": timer, "raw": line.strip()})
+        timer = next((p[len("timer:(") : -1] for p in parts if p.startswith("timer:(")), None)
+        rows.append(
+            {
+                "state": SS_STATES.get(parts[0], parts[0]),
+                "local": parts[3],
+                "peer": parts[4],
+                "timer": timer,
+                "raw": line.strip(),
+            }
+        )
     return rows
 
 
@@ -382,7 +461,7 @@ def run_scenario(sc: Scenario, out: Path) -> bool:
             caps.kill()
             events = run.logs()
         node_sysctls = {side: sysctls(side) for side in ("client", "server")}
-    truth = build_truth(sc, run, designed, outdir, caps, snap, ruleset, node_sysctls, events)
+    truth = build_truth(sc, run, designed, caps, snap, ruleset, node_sysctls, events)
     (outdir / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     for problem in truth["lab_check"]["mismatches"]:
         print(f"  MISMATCH {sc.name}: {problem}", file=sys.stderr)
@@ -391,19 +470,35 @@ def run_scenario(sc: Scenario, out: Path) -> bool:
 
 # ---------------------------------------------------------------- truth
 
-VANTAGE_FACTS = ["close_type", "active_closer", "rst_by", "client_fin_retransmits",
-                 "server_fin_retransmits", "client_keepalives", "server_keepalives",
-                 "time_wait_restarts"]
+VANTAGE_FACTS = [
+    "close_type",
+    "active_closer",
+    "rst_by",
+    "client_fin_retransmits",
+    "server_fin_retransmits",
+    "client_keepalives",
+    "server_keepalives",
+    "time_wait_restarts",
+]
 
 
-def build_truth(sc: Scenario, run: Run, designed: list[dict], outdir: Path, caps: Captures,
-                snap: dict, ruleset: dict, node_sysctls: dict, events: list[dict]) -> dict:
+def build_truth(
+    sc: Scenario,
+    run: Run,
+    designed: list[dict],
+    caps: Captures,
+    snap: dict,
+    ruleset: dict,
+    node_sysctls: dict,
+    events: list[dict],
+) -> dict:
     """Merge the design with what the kernel did (ss, counters) and the captures show."""
     measured = {}
     for vantage, (_, _, path) in caps.specs.items():
-        measured[vantage] = {(f.client_port, f.server_port, f.incarnation): lab_pcap.facts(f)
-                             for f in lab_pcap.flows(lab_pcap.read_segments(str(path)),
-                                                     run.client_ip)}
+        measured[vantage] = {
+            (f.client_port, f.server_port, f.incarnation): lab_pcap.facts(f)
+            for f in lab_pcap.flows(lab_pcap.read_segments(str(path)), run.client_ip)
+        }
     keys = list(measured["middle"])  # every segment sent crosses the router ingress
     mismatches = []
     if len(keys) != len(designed):
@@ -422,8 +517,12 @@ def build_truth(sc: Scenario, run: Run, designed: list[dict], outdir: Path, caps
     drops = fault_counts(ruleset)
     faults = []
     for f in run.faults:
-        entry = {"where": "router forward", "name": f.name, "rule": "\n".join(f.rules),
-                 "drops": drops[f.name]}
+        entry = {
+            "where": "router forward",
+            "name": f.name,
+            "rule": "\n".join(f.rules),
+            "drops": drops[f.name],
+        }
         if f.name in run.fault_times:
             entry["added_at"] = run.fault_times[f.name]
         if f.drops is not None and drops[f.name] != f.drops:
@@ -431,15 +530,24 @@ def build_truth(sc: Scenario, run: Run, designed: list[dict], outdir: Path, caps
         faults.append(entry)
 
     truth = {
-        "scenario": sc.name, "description": sc.description, "lab_version": LAB_VERSION,
-        "kernel": os.uname().release, "family": sc.family,
-        "hosts": {side: {"ns": NS[side], "ip": ADDR[sc.family][side]} for side in ("client", "server")},
+        "scenario": sc.name,
+        "description": sc.description,
+        "lab_version": LAB_VERSION,
+        "kernel": os.uname().release,
+        "family": sc.family,
+        "hosts": {
+            side: {"ns": NS[side], "ip": ADDR[sc.family][side]} for side in ("client", "server")
+        },
         "sysctls": node_sysctls,
         "sysctls_set": {side: sc.sysctls.get(side, {}) for side in ("client", "server")},
         "faults": faults,
-        "capture": {"start": caps.start_ts, "stop": caps.stop_ts,
-                    "vantages": {"client": "client.pcap", "middle": "router.pcap", "server": "server.pcap"},
-                    "tcpdump": caps.stats, "router_delay_ms": DELAY_MS},
+        "capture": {
+            "start": caps.start_ts,
+            "stop": caps.stop_ts,
+            "vantages": {"client": "client.pcap", "middle": "router.pcap", "server": "server.pcap"},
+            "tcpdump": caps.stats,
+            "router_delay_ms": DELAY_MS,
+        },
         "ss": snap,
         "ss_during": run.snapshots,
         "connections": conns,
@@ -454,8 +562,9 @@ def build_truth(sc: Scenario, run: Run, designed: list[dict], outdir: Path, caps
     return truth
 
 
-def settle_expect(want: dict, key: tuple, latest: bool, measured: dict, snap: dict,
-                  run: Run) -> tuple[dict, list[str]]:
+def settle_expect(
+    want: dict, key: tuple, latest: bool, measured: dict, snap: dict, run: Run
+) -> tuple[dict, list[str]]:
     """Replace designed values by the kernel's and the captures' truth; report differences."""
     exp = {k: v for k, v in want.items() if k not in ("client_port",)}
     problems = []
@@ -473,6 +582,8 @@ def settle_expect(want: dict, key: tuple, latest: bool, measured: dict, snap: di
         rows = [r for r in snap[side] if r["local"] == local and r["peer"] == peer]
         # Only the latest incarnation of a 4-tuple can still own a socket.
         settle(f"{side}_state_end", rows[0]["state"] if rows and latest else "CLOSED")
+        if exp[f"{side}_state_end"] == "TIME_WAIT" and exp["time_wait_side"] not in (side, "both"):
+            problems.append(f"ss shows {side} TIME_WAIT, designed {exp['time_wait_side']!r}")
     mid = measured["middle"][key]
     for side in ("client", "server"):
         own = measured[side].get(key, {})  # the sender's own capture: every transmission
@@ -491,8 +602,11 @@ def vantage_view(exp: dict, key: tuple, measured: dict, invisible: dict) -> dict
     for vantage in ("client", "middle", "server"):
         seen = measured[vantage].get(key, {})
         hidden = invisible.get(vantage, [])
-        v = {f: seen[f] for f in VANTAGE_FACTS
-             if f in seen and seen[f] != exp.get(f) and f not in hidden}
+        v = {
+            f: seen[f]
+            for f in VANTAGE_FACTS
+            if f in seen and seen[f] != exp.get(f) and f not in hidden
+        }
         if hidden:
             v["invisible"] = sorted(hidden)
         view[vantage] = v
@@ -508,8 +622,10 @@ def aggregate(conns: list[dict], snap: dict, events: list[dict]) -> dict:
         "server_time_wait": sum(r["state"] == "TIME_WAIT" for r in snap["server"]),
         "client_time_wait": sum(r["state"] == "TIME_WAIT" for r in snap["client"]),
         "close_types": dict(Counter(c["expect"]["close_type"] for c in conns)),
-        "close_wait_leaks": [{"host": k.rsplit(":", 1)[0].strip("[]"), "port": int(k.rsplit(":", 1)[1]),
-                              "count": n} for k, n in leaks.items()],
+        "close_wait_leaks": [
+            {"host": k.rsplit(":", 1)[0].strip("[]"), "port": int(k.rsplit(":", 1)[1]), "count": n}
+            for k, n in leaks.items()
+        ],
     }
     if reasons:
         agg["server_close_reasons"] = dict(reasons)
@@ -543,13 +659,22 @@ def three_way(run: Run) -> list[dict]:
     return [conn(close_type="three_way", client_state_end="TIME_WAIT")]
 
 
-@scenario("Both sides close at the same instant; the FINs cross in the 10 ms links; both TIME_WAIT.")
+@scenario(
+    "Both sides close at the same instant; the FINs cross in the 10 ms links; both TIME_WAIT."
+)
 def simultaneous(run: Run) -> list[dict]:
     at = f"at {time.time() + 1.0:.6f}"
     run.server(*EXCHANGE_S, at, "close")
     run.client(run.connect(), *EXCHANGE_C, at, "close", "sleep 0.3")
-    return [conn(close_type="simultaneous", active_closer="both", client_state_end="TIME_WAIT",
-                 server_state_end="TIME_WAIT", time_wait_side="both")]
+    return [
+        conn(
+            close_type="simultaneous",
+            active_closer="both",
+            client_state_end="TIME_WAIT",
+            server_state_end="TIME_WAIT",
+            time_wait_side="both",
+        )
+    ]
 
 
 CLIENT_FIN = "ip saddr 10.0.1.2 tcp flags & fin == fin"
@@ -557,20 +682,24 @@ SERVER_FIN = "ip saddr 10.0.2.2 tcp flags & fin == fin"
 PURE_ACK = "tcp flags & (fin|syn|rst) == 0"
 
 
-@scenario("The client's FIN is dropped once in the router; its retransmission gets through.",
-          faults=[drop_first("wave1", CLIENT_FIN)],
-          invisible={"server": ["lost_waves"]})
+@scenario(
+    "The client's FIN is dropped once in the router; its retransmission gets through.",
+    faults=[drop_first("wave1", CLIENT_FIN)],
+    invisible={"server": ["lost_waves"]},
+)
 def lost_wave1(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "recv_eof", "sleep 0.5", "close")
     run.client(run.connect(), *EXCHANGE_C, "close", "sleep 1.2")
     return [conn(client_state_end="TIME_WAIT", client_fin_retransmits=1, lost_waves=[1])]
 
 
-@scenario("Every client FIN is dropped; with tcp_orphan_retries=3 the orphaned client gives up "
-          "silently; the server never learns and stays ESTABLISHED.",
-          sysctls={"client": {"net.ipv4.tcp_orphan_retries": "3"}},
-          faults=[drop_all("wave1_all", CLIENT_FIN)],
-          invisible={"server": ["lost_waves", "client_state_end"]})
+@scenario(
+    "Every client FIN is dropped; with tcp_orphan_retries=3 the orphaned client gives up "
+    "silently; the server never learns and stays ESTABLISHED.",
+    sysctls={"client": {"net.ipv4.tcp_orphan_retries": "3"}},
+    faults=[drop_all("wave1_all", CLIENT_FIN)],
+    invisible={"server": ["lost_waves", "client_state_end"]},
+)
 def lost_wave1_giveup(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "hang")
     run.client(run.connect(), *EXCHANGE_C, "close")
@@ -578,55 +707,96 @@ def lost_wave1_giveup(run: Run) -> list[dict]:
     run.notes["client_socket_gone_at"] = run.ss_gone("client", timeout=30)
     # tcp_orphan_retries=3 is a time budget of (2**4 - 1) * 200 ms = 3 s from the first
     # transmission; with RTO ~228 ms here the FIN goes out 5 times (TLP + 4 RTOs).
-    return [conn(close_type="abandoned", server_state_end="ESTABLISHED", client_fin_retransmits=4,
-                 lost_waves=[1], time_wait_side="none")]
+    return [
+        conn(
+            close_type="abandoned",
+            server_state_end="ESTABLISHED",
+            client_fin_retransmits=4,
+            lost_waves=[1],
+            time_wait_side="none",
+        )
+    ]
 
 
-@scenario("The server's ACK of the client's FIN is dropped once; the client re-sends its FIN, "
-          "the server answers with a duplicate ACK (D-SACK).",
-          faults=[drop_first("wave2", f"ip saddr 10.0.2.2 {PURE_ACK}", armed_by=CLIENT_FIN)])
+@scenario(
+    "The server's ACK of the client's FIN is dropped once; the client re-sends its FIN, "
+    "the server answers with a duplicate ACK (D-SACK).",
+    faults=[drop_first("wave2", f"ip saddr 10.0.2.2 {PURE_ACK}", armed_by=CLIENT_FIN)],
+)
 def lost_wave2(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "recv_eof", "sleep 0.6", "close")
     run.client(run.connect(), *EXCHANGE_C, "close", "sleep 1.0")
     return [conn(client_state_end="TIME_WAIT", client_fin_retransmits=1, lost_waves=[2])]
 
 
-@scenario("The server's FIN (wave 3) is dropped once; the server in LAST_ACK re-sends it.",
-          faults=[drop_first("wave3", SERVER_FIN)],
-          invisible={"client": ["lost_waves"]})
+@scenario(
+    "The server's FIN (wave 3) is dropped once; the server in LAST_ACK re-sends it.",
+    faults=[drop_first("wave3", SERVER_FIN)],
+    invisible={"client": ["lost_waves"]},
+)
 def lost_wave3(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "recv_eof", "sleep 0.3", "close")
     run.client(run.connect(), *EXCHANGE_C, "close", "sleep 1.2")
     return [conn(client_state_end="TIME_WAIT", server_fin_retransmits=1, lost_waves=[3])]
 
 
-@scenario("The client's final ACK (wave 4) is dropped once; the server re-sends its FIN and the "
-          "client, in TIME_WAIT, ACKs it again (restarting its 60 s timer).",
-          faults=[drop_first("wave4", f"ip saddr 10.0.1.2 {PURE_ACK}", armed_by=SERVER_FIN)],
-          # The server sees FIN, FIN, ACK: a lost wave 3 would look the same from there.
-          invisible={"server": ["lost_waves", "time_wait_restarts"]})
+@scenario(
+    "The server's FIN is dropped three times; it goes out four times with exponential backoff "
+    "(TLP, then RTO doubling) before the client sees it.",
+    faults=[drop_first("wave3", SERVER_FIN, n=3)],
+    invisible={"client": ["lost_waves"]},
+)
+def lost_wave3_backoff(run: Run) -> list[dict]:
+    run.server(*EXCHANGE_S, "recv_eof", "sleep 0.3", "close")
+    run.client(run.connect(), *EXCHANGE_C, "close", "sleep 2.6")
+    return [conn(client_state_end="TIME_WAIT", server_fin_retransmits=3, lost_waves=[3])]
+
+
+@scenario(
+    "The client's final ACK (wave 4) is dropped once; the server re-sends its FIN and the "
+    "client, in TIME_WAIT, ACKs it again (restarting its 60 s timer).",
+    faults=[drop_first("wave4", f"ip saddr 10.0.1.2 {PURE_ACK}", armed_by=SERVER_FIN)],
+    # The server sees FIN, FIN, ACK: a lost wave 3 would look the same from there.
+    invisible={"server": ["lost_waves", "time_wait_restarts"]},
+)
 def lost_wave4(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "recv_eof", "sleep 0.3", "close")
     run.client(run.connect(), *EXCHANGE_C, "close", "sleep 1.2")
-    return [conn(client_state_end="TIME_WAIT", server_fin_retransmits=1, lost_waves=[4],
-                 time_wait_restarts=1)]
+    return [
+        conn(
+            client_state_end="TIME_WAIT",
+            server_fin_retransmits=1,
+            lost_waves=[4],
+            time_wait_restarts=1,
+        )
+    ]
 
 
-@scenario("The orphaned client's FIN_WAIT_2 expires (tcp_fin_timeout=2); the server's later data "
-          "is answered with a bare RST.",
-          sysctls={"client": {"net.ipv4.tcp_fin_timeout": "2"}})
+@scenario(
+    "The orphaned client's FIN_WAIT_2 expires (tcp_fin_timeout=2); the server's later data "
+    "is answered with a bare RST.",
+    sysctls={"client": {"net.ipv4.tcp_fin_timeout": "2"}},
+)
 def fin_wait2_timeout(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "recv_eof", "sleep 3.5", "send 100", "sleep 0.3", "close")
     client = run.client(run.connect(), *EXCHANGE_C, "close", "sleep 4.2", wait=False)
     time.sleep(1.0)
     run.snapshot("orphaned FIN_WAIT_2 with its tcp_fin_timeout timer")
     run.wait(client)
-    return [conn(close_type="fin_then_reset", rst_by="client", rst_kind="reply_to_closed",
-                 time_wait_side="none")]
+    return [
+        conn(
+            close_type="fin_then_reset",
+            rst_by="client",
+            rst_kind="reply_to_closed",
+            time_wait_side="none",
+        )
+    ]
 
 
-@scenario("The client shuts down its sending side; the server keeps sending 5 x 1000 bytes over "
-          "1 s, then closes.")
+@scenario(
+    "The client shuts down its sending side; the server keeps sending 5 x 1000 bytes over "
+    "1 s, then closes."
+)
 def half_close(run: Run) -> list[dict]:
     stream = [x for _ in range(5) for x in ("sleep 0.2", "send 1000")]
     run.server(*EXCHANGE_S, "recv_eof", *stream, "close")
@@ -634,20 +804,30 @@ def half_close(run: Run) -> list[dict]:
     return [conn(client_state_end="TIME_WAIT", half_close_bytes=5000)]
 
 
-@scenario("The server never closes after the client's FIN: CLOSE_WAIT on the server, FIN_WAIT_2 "
-          "on the client at the snapshot.")
+@scenario(
+    "The server never closes after the client's FIN: CLOSE_WAIT on the server, FIN_WAIT_2 "
+    "on the client at the snapshot."
+)
 def close_wait_leak(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "recv_eof", "hang")
     run.client(run.connect(), *EXCHANGE_C, "close", "sleep 0.5")
-    return [conn(close_type="half_closed", client_state_end="FIN_WAIT_2",
-                 server_state_end="CLOSE_WAIT", time_wait_side="none")]
+    return [
+        conn(
+            close_type="half_closed",
+            client_state_end="FIN_WAIT_2",
+            server_state_end="CLOSE_WAIT",
+            time_wait_side="none",
+        )
+    ]
 
 
 LEAKY = {5, 13, 21}  # accept order of the connections the server forgets to close
 
 
-@scenario("30 sequential connections; the server closes 27 promptly and leaks 3 in CLOSE_WAIT.",
-          aggregate=True)
+@scenario(
+    "30 sequential connections; the server closes 27 promptly and leaks 3 in CLOSE_WAIT.",
+    aggregate=True,
+)
 def close_wait_many(run: Run) -> list[dict]:
     server = []
     for i in range(30):
@@ -655,48 +835,95 @@ def close_wait_many(run: Run) -> list[dict]:
     run.server(*server, "hang")
     client = [s for _ in range(30) for s in (run.connect(), *EXCHANGE_C, "close", "sleep 0.05")]
     run.client(*client, "sleep 0.3")
-    return [conn(close_type="half_closed", client_state_end="FIN_WAIT_2",
-                 server_state_end="CLOSE_WAIT", time_wait_side="none") if i in LEAKY else
-            conn(close_type=("three_way", "four_way"), client_state_end="TIME_WAIT")
-            for i in range(30)]
+    return [
+        conn(
+            close_type="half_closed",
+            client_state_end="FIN_WAIT_2",
+            server_state_end="CLOSE_WAIT",
+            time_wait_side="none",
+        )
+        if i in LEAKY
+        else conn(close_type=("three_way", "four_way"), client_state_end="TIME_WAIT")
+        for i in range(30)
+    ]
 
 
 @scenario("The client sets SO_LINGER 0 and closes: RST instead of FIN, no TIME_WAIT.")
 def linger0_abort(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "recv_eof", "close")
     run.client(run.connect(), *EXCHANGE_C, "linger0", "close", "sleep 0.3")
-    return [conn(close_type="reset", active_closer="none", rst_by="client", rst_kind="abort",
-                 time_wait_side="none")]
+    return [
+        conn(
+            close_type="reset",
+            active_closer="none",
+            rst_by="client",
+            rst_kind="abort",
+            time_wait_side="none",
+        )
+    ]
 
 
 @scenario("The server closes with 500 unread request bytes in its receive buffer: RST, not FIN.")
 def unread_data_rst(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "sleep 0.3", "close")
     run.client(run.connect(), *EXCHANGE_C, "send 500", "recv_eof", "close", "sleep 0.3")
-    return [conn(close_type="reset", active_closer="none", rst_by="server", rst_kind="abort",
-                 time_wait_side="none")]
+    return [
+        conn(
+            close_type="reset",
+            active_closer="none",
+            rst_by="server",
+            rst_kind="abort",
+            time_wait_side="none",
+        )
+    ]
 
 
-@scenario("The server closes first; the client keeps writing: the closed server socket answers "
-          "the data with RST.")
+@scenario(
+    "The server closes first; the client keeps writing: the closed server socket answers "
+    "the data with RST."
+)
 def data_to_closed(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "close")
-    run.client(run.connect(), *EXCHANGE_C, "sleep 0.3", "send 100", "sleep 0.3", "send 100",
-               "close", "sleep 0.3")
-    return [conn(close_type="fin_then_reset", active_closer="server", rst_by="server",
-                 rst_kind="reply_to_closed", time_wait_side="none")]
+    run.client(
+        run.connect(),
+        *EXCHANGE_C,
+        "sleep 0.3",
+        "send 100",
+        "sleep 0.3",
+        "send 100",
+        "close",
+        "sleep 0.3",
+    )
+    return [
+        conn(
+            close_type="fin_then_reset",
+            active_closer="server",
+            rst_by="server",
+            rst_kind="reply_to_closed",
+            time_wait_side="none",
+        )
+    ]
 
 
 @scenario("SYN to a port nobody listens on: RST+ACK, connection refused.")
 def refused(run: Run) -> list[dict]:
     run.client(f"connect {run.server_ip} 9", "sleep 0.2")
-    return [conn(close_type="refused", active_closer="none", rst_by="server", rst_kind="refused",
-                 time_wait_side="none")]
+    return [
+        conn(
+            close_type="refused",
+            active_closer="none",
+            rst_by="server",
+            rst_kind="refused",
+            time_wait_side="none",
+        )
+    ]
 
 
-@scenario("The client, bound to source port 40001, closes first and reconnects on the same "
-          "4-tuple 0.3 s later while it holds TIME_WAIT (tcp_tw_reuse=0).",
-          sysctls={"client": {"net.ipv4.tcp_tw_reuse": "0"}})
+@scenario(
+    "The client, bound to source port 40001, closes first and reconnects on the same "
+    "4-tuple 0.3 s later while it holds TIME_WAIT (tcp_tw_reuse=0).",
+    sysctls={"client": {"net.ipv4.tcp_tw_reuse": "0"}},
+)
 def tw_reuse_client(run: Run) -> list[dict]:
     once_s = [*EXCHANGE_S, "recv_eof", "sleep 0.2", "close"]
     run.server(*once_s, *once_s)
@@ -705,62 +932,128 @@ def tw_reuse_client(run: Run) -> list[dict]:
     return [conn(), conn(client_state_end="TIME_WAIT", reused_4tuple=True)]
 
 
-@scenario("The server closes first and holds TIME_WAIT; the client reconnects from the same "
-          "source port 40002 0.3 s later and the server's TIME_WAIT accepts the new SYN.")
+@scenario(
+    "The server closes first and holds TIME_WAIT; the client reconnects from the same "
+    "source port 40002 0.3 s later and the server's TIME_WAIT accepts the new SYN."
+)
 def tw_reuse_server(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "sleep 0.1", "close", *EXCHANGE_S, "recv_eof", "sleep 0.2", "close")
-    run.client(run.connect(40002), *EXCHANGE_C, "recv_eof", "sleep 0.2", "close", "sleep 0.3",
-               run.connect(40002), *EXCHANGE_C, "close", "sleep 0.5")
-    return [conn(active_closer="server", time_wait_side="server"),
-            conn(client_state_end="TIME_WAIT", reused_4tuple=True)]
+    run.client(
+        run.connect(40002),
+        *EXCHANGE_C,
+        "recv_eof",
+        "sleep 0.2",
+        "close",
+        "sleep 0.3",
+        run.connect(40002),
+        *EXCHANGE_C,
+        "close",
+        "sleep 0.5",
+    )
+    return [
+        conn(active_closer="server", time_wait_side="server"),
+        conn(client_state_end="TIME_WAIT", reused_4tuple=True),
+    ]
 
 
-@scenario("The client has one ephemeral port (ip_local_port_range 40000 40000) and "
-          "tcp_tw_reuse=1: a connect 0.3 s after a client-first close fails (EADDRNOTAVAIL, "
-          "nothing on the wire), one 1.3 s after reuses the TIME_WAIT 4-tuple.",
-          sysctls={"client": {"net.ipv4.ip_local_port_range": "40000 40000",
-                              "net.ipv4.tcp_tw_reuse": "1"}})
+@scenario(
+    "The client has one ephemeral port (ip_local_port_range 40000 40000) and "
+    "tcp_tw_reuse=1: a connect 0.3 s after a client-first close fails (EADDRNOTAVAIL, "
+    "nothing on the wire), one 1.3 s after reuses the TIME_WAIT 4-tuple.",
+    sysctls={
+        "client": {"net.ipv4.ip_local_port_range": "40000 40000", "net.ipv4.tcp_tw_reuse": "1"}
+    },
+)
 def tw_reuse_ephemeral(run: Run) -> list[dict]:
     once_s = [*EXCHANGE_S, "recv_eof", "sleep 0.2", "close"]
     run.server(*once_s, *once_s)
     # tcp_tw_reuse needs the TIME_WAIT to be older than tcp_tw_reuse_delay (1000 ms).
-    run.client(run.connect(), *EXCHANGE_C, "close", "sleep 0.3", run.connect(), "sleep 1.0",
-               run.connect(), *EXCHANGE_C, "close", "sleep 0.5")
+    run.client(
+        run.connect(),
+        *EXCHANGE_C,
+        "close",
+        "sleep 0.3",
+        run.connect(),
+        "sleep 1.0",
+        run.connect(),
+        *EXCHANGE_C,
+        "close",
+        "sleep 0.5",
+    )
     return [conn(), conn(client_state_end="TIME_WAIT", reused_4tuple=True)]
 
 
-@scenario("Client keepalive (idle 1 s, interval 1 s, 3 probes); two probes are answered, then the "
-          "router blackholes both directions; 3 unanswered probes, then the client sends RST.",
-          invisible={"server": ["client_state_end"]})
+@scenario(
+    "Client keepalive (idle 1 s, interval 1 s, 3 probes); two probes are answered, then the "
+    "router blackholes both directions; 3 unanswered probes, then the client sends RST.",
+    invisible={"server": ["client_state_end"]},
+)
 def keepalive_dead_peer(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "hang")
-    client = run.client(run.connect(), *EXCHANGE_C, "keepalive 1 1 3",
-                        f"touch {run.file('alive')}", "recv_eof", "close", wait=False)
+    client = run.client(
+        run.connect(),
+        *EXCHANGE_C,
+        "keepalive 1 1 3",
+        f"touch {run.file('alive')}",
+        "recv_eof",
+        "close",
+        wait=False,
+    )
     run.wait_file("alive")
     time.sleep(2.5)
     run.snapshot("keepalive timer running, before the blackhole")
     run.add_fault(drop_all("blackhole", "ip saddr { 10.0.1.2, 10.0.2.2 }", drops=4))
     run.wait(client)
-    return [conn(close_type="reset", active_closer="none", server_state_end="ESTABLISHED",
-                 rst_by="client", rst_kind="keepalive_timeout", time_wait_side="none",
-                 client_keepalives=5)]
+    return [
+        conn(
+            close_type="reset",
+            active_closer="none",
+            server_state_end="ESTABLISHED",
+            rst_by="client",
+            rst_kind="keepalive_timeout",
+            time_wait_side="none",
+            client_keepalives=5,
+        )
+    ]
 
 
-@scenario("kill -9 of the server process holding two connections: its kernel sends FIN on the "
-          "idle one and RST on the one with unread data.")
+@scenario(
+    "kill -9 of the server process holding two connections: its kernel sends FIN on the "
+    "idle one and RST on the one with unread data."
+)
 def process_killed(run: Run) -> list[dict]:
     server = run.server(*EXCHANGE_S, *EXCHANGE_S, "hang")
-    run.client(run.connect(), *EXCHANGE_C, run.connect(), *EXCHANGE_C, "send 300",
-               f"touch {run.file('sent')}", "use 0", "recv_eof", "sleep 0.3", "close",
-               "use 1", "recv_eof", "close", wait=False)
+    run.client(
+        run.connect(),
+        *EXCHANGE_C,
+        run.connect(),
+        *EXCHANGE_C,
+        "send 300",
+        f"touch {run.file('sent')}",
+        "use 0",
+        "recv_eof",
+        "sleep 0.3",
+        "close",
+        "use 1",
+        "recv_eof",
+        "close",
+        wait=False,
+    )
     run.wait_file("sent")
     time.sleep(0.3)
     server.send_signal(signal.SIGKILL)
     run.wait(run.procs[-1][1])
     time.sleep(0.2)
-    return [conn(active_closer="server", server_state_end="TIME_WAIT", time_wait_side="server"),
-            conn(close_type="reset", active_closer="none", rst_by="server", rst_kind="abort",
-                 time_wait_side="none")]
+    return [
+        conn(active_closer="server", server_state_end="TIME_WAIT", time_wait_side="server"),
+        conn(
+            close_type="reset",
+            active_closer="none",
+            rst_by="server",
+            rst_kind="abort",
+            time_wait_side="none",
+        ),
+    ]
 
 
 @scenario("A plain four-way close, client first, over IPv6.", family=6)
@@ -773,12 +1066,23 @@ def ipv6(run: Run) -> list[dict]:
 HTTP_PLAN = ["close"] * 170 + ["idle"] * 15 + ["limit:5"] * 15
 
 
-@scenario("200 HTTP/1.1-like connections to one server port; the server closes first and piles "
-          "up TIME_WAIT: 170 after `Connection: close`, 15 after a 1 s idle timeout, 15 after "
-          "a 5-request limit.", aggregate=True)
+@scenario(
+    "200 HTTP/1.1-like connections to one server port; the server closes first and piles "
+    "up TIME_WAIT: 170 after `Connection: close`, 15 after a 1 s idle timeout, 15 after "
+    "a 5-request limit.",
+    aggregate=True,
+)
 def http_pileup(run: Run) -> list[dict]:
-    server = run.spawn("server", "http_server", run.server_ip, str(PORT),
-                       "--max-requests", "5", "--idle-timeout", "1.0")
+    server = run.spawn(
+        "server",
+        "http_server",
+        run.server_ip,
+        str(PORT),
+        "--max-requests",
+        "5",
+        "--idle-timeout",
+        "1.0",
+    )
     server.stdout.readline()  # {"event": "listening"}
     run.notes.update(request_limit=5, idle_timeout_s=1.0, plan=dict(Counter(HTTP_PLAN)))
     plan = HTTP_PLAN[:]
@@ -786,12 +1090,21 @@ def http_pileup(run: Run) -> list[dict]:
     client = run.spawn("client", "http_client", run.server_ip, str(PORT), "--workers", "8", *plan)
     done = [json.loads(line) for line in run.wait(client).splitlines()]
     time.sleep(0.2)
-    return [conn(client_port=e["port"], close_type=("three_way", "four_way"), active_closer="server",
-                 server_state_end="TIME_WAIT", time_wait_side="server", http=e["kind"])
-            for e in done]
+    return [
+        conn(
+            client_port=e["port"],
+            close_type=("three_way", "four_way"),
+            active_closer="server",
+            server_state_end="TIME_WAIT",
+            time_wait_side="server",
+            http=e["kind"],
+        )
+        for e in done
+    ]
 
 
 # ---------------------------------------------------------------- command line
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

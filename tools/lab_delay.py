@@ -35,8 +35,12 @@ def attr(kind: int, payload: bytes) -> bytes:
 
 def message(msg_type: int, queue: int, attrs: bytes) -> bytes:
     body = struct.pack("BBH", socket.AF_UNSPEC, 0, socket.htons(queue)) + attrs
-    return struct.pack("IHHII", 16 + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type,
-                       NLM_F_REQUEST, 0, 0) + body
+    return (
+        struct.pack(
+            "IHHII", 16 + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type, NLM_F_REQUEST, 0, 0
+        )
+        + body
+    )
 
 
 def packet_ids(data: bytes) -> list[int]:
@@ -64,16 +68,31 @@ def main() -> None:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind((0, 0))
-    sock.send(message(NFQNL_MSG_CONFIG, queue, attr(NFQA_CFG_CMD, struct.pack("BBH", NFQNL_CFG_CMD_BIND, 0, 0))))
-    sock.send(message(NFQNL_MSG_CONFIG, queue, attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))))
+    sock.send(
+        message(
+            NFQNL_MSG_CONFIG,
+            queue,
+            attr(NFQA_CFG_CMD, struct.pack("BBH", NFQNL_CFG_CMD_BIND, 0, 0)),
+        )
+    )
+    sock.send(
+        message(
+            NFQNL_MSG_CONFIG, queue, attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
+        )
+    )
     print("ready", flush=True)
     held: collections.deque[tuple[float, int]] = collections.deque()
     while True:
         now = time.monotonic()
         while held and held[0][0] <= now:
             _, pid = held.popleft()
-            sock.send(message(NFQNL_MSG_VERDICT, queue,
-                              attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, pid))))
+            sock.send(
+                message(
+                    NFQNL_MSG_VERDICT,
+                    queue,
+                    attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, pid)),
+                )
+            )
         sock.settimeout(max(held[0][0] - now, 0) if held else None)
         try:
             data = sock.recv(1 << 16)

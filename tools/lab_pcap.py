@@ -37,15 +37,27 @@ def read_segments(path: str) -> list[Segment]:
         link = LINKTYPES[reader.datalink()]
         for ts, buf in reader:
             ip = link(buf).data
-            if not isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)) or not isinstance(ip.data, dpkt.tcp.TCP):
+            if not isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)) or not isinstance(
+                ip.data, dpkt.tcp.TCP
+            ):
                 continue
             fam = socket.AF_INET6 if isinstance(ip, dpkt.ip6.IP6) else socket.AF_INET
             tcp = ip.data
             # Payload length from the IP header: captures are truncated with -s 512.
             iplen = ip.plen if fam == socket.AF_INET6 else ip.len - ip.hl * 4
-            out.append(Segment(float(ts), socket.inet_ntop(fam, ip.src), tcp.sport,
-                               socket.inet_ntop(fam, ip.dst), tcp.dport, tcp.flags,
-                               tcp.seq, tcp.ack, iplen - tcp.off * 4))
+            out.append(
+                Segment(
+                    float(ts),
+                    socket.inet_ntop(fam, ip.src),
+                    tcp.sport,
+                    socket.inet_ntop(fam, ip.dst),
+                    tcp.dport,
+                    tcp.flags,
+                    tcp.seq,
+                    tcp.ack,
+                    iplen - tcp.off * 4,
+                )
+            )
     return out
 
 
@@ -110,7 +122,8 @@ def facts(flow: Flow) -> dict:
     if active != "none":
         passive = other(active)
         out["half_close_bytes"] = sum(
-            x.payload for x in flow.segs[passive] if x.ts > fins[active][0].ts)
+            x.payload for x in flow.segs[passive] if x.ts > fins[active][0].ts
+        )
         if fins[passive]:
             # Each ACK of the passive FIN beyond the first re-ACKs a retransmission of it:
             # in TIME_WAIT that restarts the 2MSL timer.
@@ -152,7 +165,12 @@ def keepalives(flow: Flow, side: str) -> int:
     """Linux keepalive probes: empty ACK segments with seq = snd.nxt - 1 (RFC 9293 3.8.4)."""
     nxt, count = None, 0
     for seg in flow.segs[side]:
-        if nxt is not None and seg.payload == 0 and seg.flags == ACK and seg.seq == (nxt - 1) % 2**32:
+        if (
+            nxt is not None
+            and seg.payload == 0
+            and seg.flags == ACK
+            and seg.seq == (nxt - 1) % 2**32
+        ):
             count += 1
         end = seg.seq + seg.payload + bool(seg.flags & (SYN | FIN))
         nxt = end % 2**32 if nxt is None or seq_ge(end % 2**32, nxt) else nxt

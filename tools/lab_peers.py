@@ -24,7 +24,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-
 LOG_LOCK = threading.Lock()
 
 
