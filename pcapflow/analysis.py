@@ -26,7 +26,8 @@ client_fin_backoff server_fin_backoff fin_rto_estimate fin_backoff_exponential
 orphan_retries_estimate lost_waves losses rst_by rst_kind time_wait_side time_wait_start
 time_wait_end time_wait_restarts reused_4tuple reuse_gap_s reuse_check reuse_isn_signature
 half_close_bytes close_wait_s fin_wait2_s fin_wait2_timeout client_keepalives
-server_keepalives teardown_s packets client_bytes server_bytes duplicates""".split()
+server_keepalives teardown_s packets client_bytes server_bytes duplicates client_last_data_ts
+http_requests http_responses http_request_close http_response_close http10 http_cut""".split()
 EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
 SIDE_NAMES = ("client", "server")
 FLOW_FIELDS = ["ts", "d", "seq", "ack", "flags", "plen", "win", "ipid", "ttl", "tsval", "dsack", "http"]
@@ -173,12 +174,18 @@ def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
     return build(segments, captures, Params(msl=msl, fin_timeout=fin_timeout))
 
 
-def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params) -> Analysis:
-    """Connections and events from a segment table (the part of `analyze` after reading)."""
+def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
+          capture_end: float | None = None) -> Analysis:
+    """Connections and events from a segment table (the part of `analyze` after reading).
+
+    `capture_end` is when the whole timeline ends (default: its last packet); a caller that
+    builds one part of a larger timeline (batch partitions) passes the timeline's end.
+    """
     seg, conns = assign_connections(segments)
-    capture_end = max((c.last_ts for c in captures if c.last_ts is not None), default=0.0)
-    if len(seg):
-        capture_end = max(capture_end, float(seg["ts"].max()))
+    if capture_end is None:
+        capture_end = max((c.last_ts for c in captures if c.last_ts is not None), default=0.0)
+        if len(seg):
+            capture_end = max(capture_end, float(seg["ts"].max()))
     seg = seg.sort_values(["conn", "ts"], kind="stable", ignore_index=True)
     live = seg[~seg["dup"]]
     bounds = np.flatnonzero(np.diff(live["conn"].to_numpy())) + 1

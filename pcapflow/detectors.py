@@ -13,6 +13,7 @@ import numpy as np
 
 SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
 SIDES = ("client", "server")
+MISSED_FIN_MARGIN = 1.0  # s: far beyond a round trip, so a peer segment sent later saw the FIN
 
 
 @dataclass
@@ -36,6 +37,14 @@ class Context:
         copy = max(i for i in fin.tx if i < proof) if fin.tx[0] < proof else fin.tx[0]
         later = [i for i in range(copy + 1, proof) if f.d[i] == s and i not in fin.tx]
         return float(f.ts[later[0]] if later else f.ts[proof])
+
+    def fin_missed(self, s: int) -> bool:
+        """Did side 1-s show that it never got side s's FIN? It sent a segment well after
+        the FIN's last transmission (a round trip could not explain it) that does not ack it."""
+        f, fin = self.f, self.sides[s].fin
+        late = f.ts[fin.tx[-1]] + MISSED_FIN_MARGIN
+        later = (f.d == 1 - s) & (f.ts > late) & ((f.flags & RST) == 0)
+        return bool(later.any())
 
     def fin_ack_received_at(self, s: int) -> tuple[float, int] | None:
         """When side s received the peer's ACK of its FIN: the first ACK after its last
@@ -87,12 +96,13 @@ def fin_giveup(c: Context, s: int) -> dict | None:
     if fin is None or len(fin.tx) < 2 or c.fin_ack_received_at(s) is not None:
         return None
     last = float(c.f.ts[fin.tx[-1]])
-    if side.rst and c.f.ts[side.rst[0]] > last:
-        return None
     gap = last - float(c.f.ts[fin.tx[-2]])
-    if c.capture_end < last + 2 * gap * 1.1 + 0.05:
+    silent_until = float(c.f.ts[side.rst[0]]) if side.rst and c.f.ts[side.rst[0]] > last \
+        else c.capture_end  # a later RST from a socket already gone (no socket: bare RST)
+    if silent_until < last + 2 * gap * 1.1 + 0.05:
         return None  # the next retransmission could still have come
-    return {"at": last + 2 * gap, "retries": orphan_retries_estimate(backoff(c, s))}
+    return {"at": last + 2 * gap,
+            "retries": orphan_retries_estimate([float(c.f.ts[i]) for i in fin.tx])}
 
 
 def backoff(c: Context, s: int) -> list[float]:
@@ -125,13 +135,23 @@ def is_exponential(intervals: list[float]) -> bool | None:
     return bool(all(0.7 < b / min(2 * a, 120.0) < 1.3 for a, b in zip(rtos, rtos[1:])))
 
 
-def orphan_retries_estimate(intervals: list[float]) -> int | None:
-    """tcp_orphan_retries that fits a FIN series that ended in give-up: Linux makes N+1 RTO
-    retransmissions (a time budget of 200 ms * (2^(N+1) - 1)), plus a tail-loss probe."""
-    if not intervals:
+def orphan_retries_estimate(tx: list[float]) -> int | None:
+    """The tcp_orphan_retries N that fits a FIN series which ended in give-up.
+
+    Linux gives up at the first retransmission timer that fires once the time since the
+    first transmission reaches 200 ms * (2^(N+1) - 1) (retransmits_timed_out() with
+    tcp_model_timeout()): a time budget, so a large RTT allows fewer retransmissions.
+    The budget lies after the last transmission and no later than the next doubled timer.
+    0 means 8 in the sysctl: an estimate of 8 cannot tell them apart.
+    """
+    if len(tx) < 2:
         return None
-    rtos = len(intervals) - (1 if has_tail_loss_probe(intervals) else 0)
-    return max(rtos - 1, 0)
+    last = tx[-1] - tx[0]
+    giveup = last + 2 * (tx[-1] - tx[-2])
+    for n in range(16):
+        if last < 0.2 * (2 ** (n + 1) - 1) <= giveup * 1.05:
+            return n
+    return None
 
 
 def rst_kind(c: Context) -> str | None:
@@ -401,8 +421,13 @@ def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, t
                        if teardown_rows else None),
         "packets": len(f),
         "client_bytes": sides[0].bytes, "server_bytes": sides[1].bytes,
+        "client_last_data_ts": _last(f.ts[(f.d == 0) & (f.plen > 0)]),
     }
     return row
+
+
+def _last(ts: np.ndarray) -> float | None:
+    return float(ts[-1]) if len(ts) else None
 
 
 def _max_none(a, b):

@@ -1,14 +1,12 @@
 """Findings: what a person should act on, each with its numbers, evidence, cause and fix.
 
 One function per finding kind (vocab.FINDING_KINDS), each reading the connections table
-(and, for HTTP causes, the segments) and returning finding dicts; `FINDERS` lists them.
+and returning finding dicts; `FINDERS` lists them.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
-from .http import http_summary
 
 COLUMNS = ["kind", "severity", "host", "port", "count", "conn_ids", "summary", "explanation",
            "suggestion", "cause"]
@@ -35,32 +33,32 @@ def peak_concurrency(starts, ends) -> tuple[int, float | None]:
     return int(level[k]), float(t[order][k])
 
 
-def _close_causes(a, conns: pd.DataFrame) -> pd.Series:
-    """Why the server closed first, per connection, from its HTTP messages and timing."""
-    http = http_summary(a.segments).set_index("conn_id")
-    df = conns.join(http, on="conn_id")
-    multi = df.loc[df["http_requests"].fillna(0) >= 2, "http_requests"]
-    limit = int(multi.mode().iloc[0]) if len(multi) and (multi == multi.mode().iloc[0]).sum() >= 3 else None
-    last_client = a.segments[(a.segments["dir"] == 0) & (a.segments["plen"] > 0)].groupby("conn")["ts"].max()
-    idle = df["server_fin_ts"] - df["conn_id"].map(last_client)
+def _close_causes(conns: pd.DataFrame) -> pd.Series:
+    """Why the server closed first, per connection, from its HTTP messages and timing: a
+    `Connection: close` (or HTTP/1.0), a request-count limit (the same number of requests
+    on many connections), or an idle timeout (the client's silence before the server's FIN)."""
+    multi = conns.loc[conns["http_requests"] >= 2, "http_requests"]
+    mode = multi.mode()
+    limit = int(mode.iloc[0]) if len(mode) and (multi == mode.iloc[0]).sum() >= 3 else None
+    idle = conns["server_fin_ts"] - conns["client_last_data_ts"]
     causes = []
-    for (_, r), gap in zip(df.iterrows(), idle):
-        if pd.isna(r.get("http_requests")) or r["http_cut"]:
+    for r, gap in zip(conns.itertuples(), idle):
+        if r.http_requests == 0 or r.http_cut:
             causes.append("unknown")
-        elif r["http_request_close"] or r["http10"]:
+        elif r.http_request_close or r.http10:
             causes.append("Connection: close")
-        elif limit is not None and r["http_requests"] == limit:
+        elif limit is not None and r.http_requests == limit:
             causes.append(f"request limit ({limit} requests)")
-        elif r["http_response_close"]:
+        elif r.http_response_close:
             causes.append("Connection: close")
         elif pd.notna(gap) and gap >= 0.2:
-            causes.append(f"idle timeout (~{gap:.1f} s)")
+            causes.append("idle timeout")
         else:
             causes.append("unknown")
     out = pd.Series(causes, index=conns.index)
-    idle_like = out.str.startswith("idle timeout")
-    if idle_like.any():  # report the group's typical timeout rather than each gap
-        out[idle_like] = f"idle timeout (~{idle[idle_like.to_numpy()].median():.1f} s)"
+    idle_like = out == "idle timeout"
+    if idle_like.any():  # the group's typical timeout rather than each gap
+        out[idle_like] = f"idle timeout (~{idle[idle_like].median():.1f} s)"
     return out
 
 
@@ -72,7 +70,7 @@ def server_time_wait_pileup(a) -> list[dict]:
         if len(g) < MIN_PILEUP:
             continue
         peak, when = peak_concurrency(g["time_wait_start"], g["time_wait_end"])
-        causes = _close_causes(a, g).value_counts()
+        causes = _close_causes(g).value_counts()
         cause_text = ", ".join(f"{k} {v}" for k, v in causes.items())
         out.append(finding(
             "server_time_wait_pileup", "warning" if peak >= 100 else "info", ip, int(port), g,

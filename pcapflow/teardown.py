@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import detectors as det
+from .http import http_fields
 from . import tcpstate as ts_
 from .tcpstate import Endpoint
 
@@ -191,7 +192,7 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
         if got is not None:  # proven by the receiver's own segment: received before it was sent
             put(got, 1 - s, ts_.RECV_FIN, "STATE", f"received {SIDES[s]} FIN",
                 order=2 if 1 - s in local else 0)
-        else:
+        elif not c.fin_missed(s):  # no ACK of it either way: the receiver's state is unknown
             put(f.ts[fin.tx[0]], 1 - s, ts_.LOST_TRACK, "STATE",
                 f"{SIDES[s]} FIN seen, no proof it arrived", order=2)
         acked = c.fin_ack_received_at(s)
@@ -243,4 +244,5 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
     rows.sort(key=lambda r: r[0])
 
     row = det.connection_fields(c, ends, handshake, rst_kind, tw, losses, vantage)
+    row.update(http_fields(f))
     return Result(row, rows, ends)

@@ -142,12 +142,12 @@ def test_orphan_gives_up_after_backoff_and_retries_are_estimated():
     s = Script()
     s.handshake()
     fin = s.nxt["c"]
-    for t in (1.0, 1.21, 1.42, 1.84, 2.67, 4.33):  # TLP, then RTOs doubling (Linux, retries=3)
+    for t in (1.0, 1.21, 1.42, 1.84, 2.67, 4.33):  # TLP, then RTOs doubling
         s.send("c", "FA", t, seq=fin)
     a = s.analyze(end=20)
     r = row(a)
     assert r.close_type == "abandoned"
-    assert r.orphan_retries_estimate == 3
+    assert r.orphan_retries_estimate == 4  # budget 0.2 * (2^5 - 1) = 6.2 s: after 3.33, before 6.65
     assert bool(r.fin_backoff_exponential) is True
     assert r.fin_rto_estimate == pytest.approx(0.21)
     assert (r.client_state_end, r.server_state_end) == ("CLOSED", "UNKNOWN")
@@ -373,3 +373,20 @@ def test_states_at_an_instant_are_netstat_like():
     for when, counts in tl.iterrows():  # the timeline agrees with states() at every step
         st = a.states(at=when.timestamp()).groupby("state")["count"].sum()
         assert counts[counts > 0].to_dict() == st.to_dict(), when
+
+
+def test_orphan_give_up_then_the_peers_data_gets_a_bare_rst():
+    s = Script()
+    s.handshake()
+    fin = s.nxt["c"]
+    for t in (1.0, 1.226, 1.454, 1.930, 2.858):  # measured in the lab (tcp_orphan_retries=3)
+        s.send("c", "FA", t, seq=fin)
+    s.send("s", "PA", 8.0, plen=10, ack=fin)      # the server never got the FIN
+    s.send("c", "R", 8.02, seq=fin)               # the client has no socket any more
+    a = s.analyze()
+    r = row(a)
+    assert (r.close_type, r.rst_kind, r.lost_waves) == ("fin_then_reset", "reply_to_closed", [1])
+    assert r.orphan_retries_estimate == 3  # the lab's sysctl: budget 3.0 s after the first FIN
+    c_ep, s_ep = a.endpoint(0)
+    assert "UNKNOWN" not in s_ep.states and s_ep.states[-2:] == ["ESTABLISHED", "CLOSED"]
+    assert c_ep.states[-1] == "CLOSED" and c_ep.times[-1] == pytest.approx(r.first_ts + 2.858 + 2 * 0.928)
