@@ -201,7 +201,7 @@ def time_wait(c: Context, ends) -> dict:
     """Which side held TIME_WAIT, from when to when (2MSL after its last ACK of the peer's FIN;
     each re-ACK of a retransmitted FIN restarts the timer, Linux tcp_timewait_state_process)."""
     f = c.f
-    out = {"side": None, "start": None, "end": None, "restarts": 0, "reacks": [], "sides": []}
+    out = {"side": None, "start": None, "end": None, "restarts": 0, "reacks": [], "ends": {}}
     for s in (0, 1):
         ep = ends[s]
         if "TIME_WAIT" not in ep.states:
@@ -213,15 +213,14 @@ def time_wait(c: Context, ends) -> dict:
                   if f.ts[i] > start and any(t <= f.ts[i] for t in later_tx)]
         own_acks = [float(f.ts[i]) for i in peer_fin.acks if f.ts[i] >= start]
         last = max(own_acks, default=start)
-        out["sides"].append(s)
         out["reacks"] += [(float(f.ts[i]), s, f"2MSL restarts, TIME_WAIT now ends "
                            f"{2 * c.params.msl:.0f} s after this") for i in reacks]
         out["restarts"] += len(reacks)
-        end = last + 2 * c.params.msl
+        end = out["ends"][s] = last + 2 * c.params.msl
         out["start"] = start if out["start"] is None else min(out["start"], start)
         out["end"] = end if out["end"] is None else max(out["end"], end)
-    if out["sides"]:
-        out["side"] = out["sides"][0] if len(out["sides"]) == 1 else 2
+    if out["ends"]:
+        out["side"] = next(iter(out["ends"])) if len(out["ends"]) == 1 else 2
     return out
 
 

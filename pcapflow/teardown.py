@@ -229,11 +229,10 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
     tw = det.time_wait(c, ends)
     for t, s, detail in tw["reacks"]:
         rows.append((t, s, "TW_REACK", "TIME_WAIT", "TIME_WAIT", detail))
-    if tw["side"] is not None and tw["end"] <= capture_end:
-        s = tw["side"]
-        moved = ends[s].handle(ts_.TIMEWAIT_EXPIRED, tw["end"])
+    for s, end in tw["ends"].items():
+        moved = ends[s].handle(ts_.TIMEWAIT_EXPIRED, end) if end <= capture_end else None
         if moved:
-            rows.append((tw["end"], s, "STATE", *moved, "2MSL expired"))
+            rows.append((end, s, "STATE", *moved, "2MSL expired"))
     for t, s, kind, detail in events + det.keepalive_events(c) + det.half_close_events(c):
         st = ends[s].state_at(t) or ""
         rows.append((float(t), s, kind, st, st, detail))

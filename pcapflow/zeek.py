@@ -19,8 +19,17 @@ a SYN-ACK, or a mid-stream packet from a likely server port, makes Zeek flip the
 The Flow has no ports, so the mapping is: the originator is pcapflow's client; history starts
 with `^` when the first packet came from the server side and either pcapflow inferred the roles
 (its service-port guess stands for Zeek's `likely_server_ports`) or that packet is a SYN-ACK.
-Not modelled: checksum validation (`c`), Zeek splitting one 4-tuple after its inactivity or
-close timers, reassembly limits, and packets pcapflow removed as capture duplicates.
+
+Where Zeek ends a connection before pcapflow does (a SYN unanswered for tcp_attempt_delay, the
+close/reset delay after a close, inactivity, a SYN that `IsReuse()` takes for a new
+connection), the columns describe Zeek's first connection, the one whose uid starts with
+pcapflow's first packet; Zeek logs the rest of the 4-tuple's packets in further rows.
+
+Zeek sees every captured packet: give this function the connection's segments including the
+capture duplicates pcapflow leaves out of its Flows, or their packets and retransmission
+letters are missing. Not modelled: checksum validation (`c`, packets Zeek drops), payload cut
+by the snap length (Zeek reassembles only captured bytes, so a headers-only capture is all
+gaps), application analyzers (`x`, skipped data channels) and reassembly limits.
 """
 from __future__ import annotations
 
@@ -360,7 +369,8 @@ def zeek_fields(f: Flow, roles_inferred: bool) -> dict:
     """conn.log's conn_state, history, packet and byte counts for one connection.
 
     The originator is pcapflow's client (d == 0); see the module docstring for when the
-    history starts with `^`. Byte counts are None where Zeek leaves them unset (duration 0).
+    history starts with `^` and which Zeek connection the values describe. Byte counts are
+    None where Zeek leaves them unset (zero duration).
     """
     if not len(f):
         return {"zeek_conn_state": "OTH", "zeek_history": "", "orig_pkts": 0, "resp_pkts": 0,

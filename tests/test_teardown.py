@@ -390,3 +390,18 @@ def test_orphan_give_up_then_the_peers_data_gets_a_bare_rst():
     c_ep, s_ep = a.endpoint(0)
     assert "UNKNOWN" not in s_ep.states and s_ep.states[-2:] == ["ESTABLISHED", "CLOSED"]
     assert c_ep.states[-1] == "CLOSED" and c_ep.times[-1] == pytest.approx(r.first_ts + 2.858 + 2 * 0.928)
+
+
+def test_both_time_waits_of_a_simultaneous_close_expire():
+    s = Script()
+    s.handshake(at="middle")
+    cfin = s.nxt["c"]
+    s.send("c", "FA", 1.0)
+    s.send("s", "FA", 1.0005, ack=cfin)
+    s.send("c", "A", 1.01)
+    s.send("s", "A", 1.0105)
+    a = s.analyze(end=100)
+    r = row(a)
+    assert (r.time_wait_side, r.client_state_end, r.server_state_end) == ("both", "CLOSED", "CLOSED")
+    expired = a.events[a.events["detail"] == "2MSL expired"]
+    assert sorted(expired["side"]) == ["client", "server"]

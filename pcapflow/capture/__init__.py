@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import os
-from typing import BinaryIO, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 
-from .decode import SEGMENT_COLUMNS, Columns
+from .decode import LINK_LAYERS, SEGMENT_COLUMNS, Columns
 from .files import CaptureError, CaptureInfo, open_capture, records
 
-__all__ = ["CaptureError", "CaptureInfo", "SEGMENT_COLUMNS", "read_captures", "empty_segments"]
+__all__ = ["SEGMENT_COLUMNS", "CaptureError", "CaptureInfo", "empty_segments", "read_captures"]
 
 Source = str | os.PathLike | BinaryIO
 
@@ -29,21 +30,17 @@ def read_captures(sources: Source | Iterable[Source],
     cols = Columns()
     infos: list[CaptureInfo] = []
     for index, source in enumerate(sources):
-        stream, name, compression = open_capture(source)
-        info = CaptureInfo(path=name, compression=compression)
-        infos.append(info)
-        try:
+        with open_capture(source) as (stream, name, compression):
+            info = CaptureInfo(path=name, compression=compression)
+            infos.append(info)
             _read_one(stream, index, info, cols, progress)
-        finally:
-            if stream is not source and name != "<stdin>":
-                stream.close()
     return _to_frame(cols), infos
 
 
 def _read_one(stream, index: int, info: CaptureInfo, cols: Columns, progress) -> None:
     before = len(cols)
     frame = 0
-    for rec in records(stream, info):
+    for rec in records(stream, info, LINK_LAYERS):
         frame += 1
         info.packets += 1
         if info.first_ts is None or rec.ts < info.first_ts:

@@ -9,7 +9,7 @@ import socket
 import struct
 
 import dpkt
-from dpkt import ethernet, ip, ip6, loopback, sll, sll2, tcp
+from dpkt import ethernet, ip, ip6, llc, loopback, ppp, pppoe, sll, sll2, tcp
 
 # The segment table: column name -> numpy dtype. One row per TCP segment seen.
 SEGMENT_COLUMNS: dict[str, str] = {
@@ -49,24 +49,53 @@ def _addr(raw: bytes) -> str:
     return s
 
 
+# pcap-linktype(7) numbers we decode -> the dpkt class of the link header (None: bare IP).
+LINK_LAYERS: dict[int, type | None] = {
+    0: loopback.Loopback, 108: loopback.Loopback,  # BSD NULL (host order), LOOP (network order)
+    1: ethernet.Ethernet,
+    12: None, 14: None, 101: None, 228: None, 229: None,  # raw IP; 12/14: DLT_RAW of some BSDs
+    113: sll.SLL, 276: sll2.SLL2,  # Linux cooked (tcpdump -i any)
+}
+# Headers whose payload is the next layer: walked through to reach IP.
+_CARRIERS = (ethernet.Ethernet, llc.LLC, pppoe.PPPoE, ppp.PPP, sll.SLL, sll2.SLL2, loopback.Loopback)
+# Where a carrier names the protocol that follows (dpkt leaves raw bytes when it fails to decode it).
+_NEXT_FIELD = {sll.SLL: "ethtype", sll2.SLL2: "ethtype", llc.LLC: "type", ppp.PPP: "p", pppoe.PPP: "p"}
+_IP_TYPES = {ethernet.ETH_TYPE_IP, ethernet.ETH_TYPE_IP6, ppp.PPP_IP, ppp.PPP_IP6}
+ETH_TYPE_PBB = 0x88E7  # IEEE 802.1ah backbone: a 4-byte I-TAG, then the customer's Ethernet frame
+
+
+def _ethertype(eth: ethernet.Ethernet) -> int:
+    """The type after the last VLAN tag (dpkt strips up to two)."""
+    tags = getattr(eth, "vlan_tags", None)
+    return tags[-1].type if tags else eth.type
+
+
 def network_layer(linktype: int, data: bytes):
     """Return (dpkt IP or IP6 packet, None) or (None, skip reason) for one frame."""
-    if linktype == 1:
-        pkt = ethernet.Ethernet(data).data  # dpkt strips 802.1Q / QinQ / MPLS tags
-    elif linktype == 113:
-        pkt = sll.SLL(data).data
-    elif linktype == 276:
-        pkt = sll2.SLL2(data).data
-    elif linktype in (0, 108):
-        pkt = loopback.Loopback(data).data  # dpkt accepts the family in either byte order
-    elif linktype in (12, 14, 101, 228, 229):
-        ver = data[0] >> 4 if data else None
-        pkt = ip.IP(data) if ver == 4 else ip6.IP6(data) if ver == 6 else None
-    else:
+    if linktype not in LINK_LAYERS:
         return None, "unsupported_link"
+    cls = LINK_LAYERS[linktype]
+    if cls is None:
+        ver = data[0] >> 4 if data else None
+        if ver not in (4, 6):
+            return None, "malformed"
+        return (ip.IP(data) if ver == 4 else ip6.IP6(data)), None
+    pkt = layer = cls(data)  # dpkt strips 802.1Q / QinQ / MPLS tags and parses what follows
+    if getattr(pkt, "mpls_labels", None) and not isinstance(pkt.data, (ip.IP, ip6.IP6)):
+        # dpkt takes only 0x45 for IPv4 after an MPLS stack; an IPv4 header with options too
+        inner = data[14 + 4 * len(pkt.mpls_labels):]
+        if inner and inner[0] >> 4 == 4:
+            return ip.IP(inner), None
+    while isinstance(pkt, _CARRIERS):
+        layer, pkt = pkt, pkt.data
+        if isinstance(layer, ethernet.Ethernet) and isinstance(pkt, bytes) \
+                and _ethertype(layer) == ETH_TYPE_PBB:
+            pkt = ethernet.Ethernet(pkt[4:])
     if isinstance(pkt, (ip.IP, ip6.IP6)):
         return pkt, None
-    return None, "non_ip"
+    declared = _ethertype(layer) if isinstance(layer, ethernet.Ethernet) else getattr(
+        layer, _NEXT_FIELD.get(type(layer), ""), None)
+    return None, "malformed" if declared in _IP_TYPES and isinstance(pkt, bytes) else "non_ip"
 
 
 class Columns:
@@ -96,7 +125,7 @@ class Columns:
                     return "fragment"
                 if pkt.p != ip.IP_PROTO_TCP:
                     return "non_tcp"
-                ext = sum(len(h) for h in pkt.all_extension_headers)
+                ext = sum(h.length for h in pkt.all_extension_headers)
                 ipver, ipid, ttl, l4len = 6, -1, pkt.hlim, pkt.plen - ext
             seg = pkt.data
             if not isinstance(seg, tcp.TCP):

@@ -12,8 +12,10 @@ import lzma
 import os
 import struct
 import sys
+from collections.abc import Container, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import dpkt
 from dpkt import pcap, pcapng
@@ -23,13 +25,14 @@ class CaptureError(Exception):
     """A user-caused problem with an input: the message names the file and the reason."""
 
 
+# magic -> (byte order, timestamp ticks per second)
 PCAP_MAGICS = {
-    b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
-    b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+    b"\xd4\xc3\xb2\xa1": ("<", 10**6), b"\xa1\xb2\xc3\xd4": (">", 10**6),
+    b"\x4d\x3c\xb2\xa1": ("<", 10**9), b"\xa1\xb2\x3c\x4d": (">", 10**9),
 }
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 COMPRESSION_MAGICS = {
-    b"\x1f\x8b": ("gzip", gzip.GzipFile),
+    b"\x1f\x8b": ("gzip", lambda f: gzip.GzipFile(fileobj=f)),
     b"BZh": ("bz2", bz2.BZ2File),
     b"\xfd7zXZ\x00": ("xz", lzma.LZMAFile),
     b"\x28\xb5\x2f\xfd": ("zstd", None),
@@ -70,35 +73,54 @@ def _open_zstd(raw: BinaryIO, path: str) -> BinaryIO:
         import zstandard
     except ImportError:
         raise CaptureError(f"{path}: zstd-compressed; install pcapflow[zstd] to read it") from None
-    return zstandard.ZstdDecompressor().stream_reader(raw)
+    return zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
 
 
-def open_capture(path: str | os.PathLike | BinaryIO) -> tuple[BinaryIO, str, str | None]:
+class _Borrowed(io.RawIOBase):
+    """A caller's binary file (or stdin) read through our buffers; closing these leaves it open."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+@contextmanager
+def open_capture(path: str | os.PathLike | BinaryIO) -> Iterator[tuple[BinaryIO, str, str | None]]:
     """Open a path, '-' (stdin) or a binary file; undo compression recognised by magic bytes.
 
-    Returns (stream, display name, compression or None).
+    Yields (stream, display name, compression or None); closes only what it opened.
     """
-    if hasattr(path, "read"):
-        raw, name = path, getattr(path, "name", "<stream>")
-    elif str(path) == "-":
-        raw, name = sys.stdin.buffer, "<stdin>"
-    else:
-        name = str(path)
-        if os.path.isdir(name):
-            raise CaptureError(f"{name}: is a directory, not a capture file")
-        try:
-            raw = open(name, "rb")
-        except FileNotFoundError:
-            raise CaptureError(f"{name}: no such file") from None
-        except OSError as e:
-            raise CaptureError(f"{name}: cannot open ({e.strerror})") from None
-    raw = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
-    head = raw.peek(6)[:6]
-    for magic, (kind, opener) in COMPRESSION_MAGICS.items():
-        if head.startswith(magic):
-            stream = _open_zstd(raw, name) if opener is None else opener(raw)
-            return io.BufferedReader(stream, 1 << 16), name, kind
-    return raw, name, None
+    with ExitStack() as opened:
+        if hasattr(path, "read"):
+            raw = io.BufferedReader(_Borrowed(path))
+            name = str(getattr(path, "name", "<stream>"))
+        elif str(path) == "-":
+            raw, name = io.BufferedReader(_Borrowed(sys.stdin.buffer)), "<stdin>"
+        else:
+            name = str(path)
+            if os.path.isdir(name):
+                raise CaptureError(f"{name}: is a directory, not a capture file")
+            try:
+                raw = open(name, "rb")  # noqa: SIM115 (closed by the ExitStack)
+            except FileNotFoundError:
+                raise CaptureError(f"{name}: no such file") from None
+            except OSError as e:
+                raise CaptureError(f"{name}: cannot open ({e.strerror})") from None
+        opened.enter_context(raw)
+        head = raw.peek(6)[:6]
+        for magic, (kind, opener) in COMPRESSION_MAGICS.items():
+            if head.startswith(magic):
+                inner = _open_zstd(raw, name) if opener is None else opener(raw)
+                yield opened.enter_context(io.BufferedReader(inner, 1 << 16)), name, kind
+                return
+        yield raw, name, None
 
 
 def read_exact(f: BinaryIO, n: int) -> bytes:
@@ -113,15 +135,19 @@ class _Cut(Exception):
     """The stream ended or broke inside a record."""
 
 
-def records(f: BinaryIO, info: CaptureInfo) -> Iterator[Record]:
-    """Yield every frame of a pcap or pcapng stream, noting a cut in `info.truncated`."""
+def records(f: BinaryIO, info: CaptureInfo, supported: Container[int]) -> Iterator[Record]:
+    """Yield every frame of a pcap or pcapng stream, noting a cut in `info.truncated`.
+
+    Raises CaptureError when no interface of the file has a link type in `supported`.
+    """
     head = read_exact(f, 4)
+    links: list[int] = []
     if head in PCAP_MAGICS:
         info.format = "pcap"
-        gen = _pcap_records(f, head, info)
+        gen = _pcap_records(f, head, info, links, supported)
     elif head == PCAPNG_MAGIC:
         info.format = "pcapng"
-        gen = _pcapng_records(f, head, info)
+        gen = _pcapng_records(f, head, info, links)
     elif not head:
         raise CaptureError(f"{info.path}: empty file")
     else:
@@ -130,16 +156,28 @@ def records(f: BinaryIO, info: CaptureInfo) -> Iterator[Record]:
         yield from gen
     except _Cut as cut:
         info.truncated = f"{cut} after packet {info.packets}"
+    _check_links(info, links, supported)
 
 
-def _pcap_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Record]:
-    order, unit = PCAP_MAGICS[magic]
+def _check_links(info: CaptureInfo, links: list[int], supported: Container[int]) -> None:
+    """A file none of whose link types we decode is an input error, not a file of skipped frames."""
+    if links and not any(lt in supported for lt in links):
+        names = ", ".join(f"{linktype_name(lt)} ({lt})" for lt in dict.fromkeys(links))
+        plural = "s" if len(set(links)) > 1 else ""
+        raise CaptureError(f"{info.path}: unsupported link type{plural} {names}")
+
+
+def _pcap_records(f: BinaryIO, magic: bytes, info: CaptureInfo, links: list[int],
+                  supported: Container[int]) -> Iterator[Record]:
+    order, ticks = PCAP_MAGICS[magic]
     rest = read_exact(f, 20)
     if len(rest) < 20:
         raise CaptureError(f"{info.path}: pcap global header cut short ({4 + len(rest)} of 24 bytes)")
     hdr = (pcap.LEFileHdr if order == "<" else pcap.FileHdr)(magic + rest)
-    linktype = hdr.linktype & 0x0FFFFFFF  # upper bits: FCS length flags (pcap-linktype)
+    linktype = hdr.linktype & 0xFFFF  # upper bits: FCS length and flags (RFC draft pcap 4)
     info.linktype.append(linktype_name(linktype))
+    links.append(linktype)
+    _check_links(info, links, supported)
     rec = struct.Struct(order + "IIII")
     while True:
         h = read_exact(f, 16)
@@ -153,12 +191,13 @@ def _pcap_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Reco
         data = read_exact(f, caplen)
         if len(data) < caplen:
             raise _Cut(f"record cut short ({len(data)} of {caplen} bytes)")
-        yield Record(sec + frac * unit, linktype, data, wirelen)
+        yield Record((sec * ticks + frac) / ticks, linktype, data, wirelen)
 
 
-def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Record]:
+def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo,
+                    links: list[int]) -> Iterator[Record]:
     """Walk pcapng blocks; every section may redefine byte order and interfaces."""
-    interfaces: list[tuple[int, float, int]] = []  # (linktype, ts unit, ts offset)
+    interfaces: list[tuple[int, int, int]] = []  # (linktype, ts ticks per second, ts offset)
     order = "<"
     head = magic
     while True:
@@ -189,6 +228,7 @@ def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Re
                 interfaces.append(_interface(pcapng.InterfaceDescriptionBlockLE(buf) if le
                                              else pcapng.InterfaceDescriptionBlock(buf), order))
                 info.linktype.append(linktype_name(interfaces[-1][0]))
+                links.append(interfaces[-1][0])
             elif btype in (pcapng.PCAPNG_BT_EPB, pcapng.PCAPNG_BT_PB):
                 if btype == pcapng.PCAPNG_BT_EPB:
                     b = pcapng.EnhancedPacketBlockLE(buf) if le else pcapng.EnhancedPacketBlock(buf)
@@ -200,8 +240,9 @@ def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Re
                     info.packets += 1
                     info.skip("no_interface")
                     continue
-                lt, unit, off = interfaces[iface]
-                yield Record(off + ((b.ts_high << 32) | b.ts_low) * unit, lt, bytes(b.pkt_data), b.pkt_len)
+                lt, ticks, off = interfaces[iface]
+                ts = (off * ticks + ((b.ts_high << 32) | b.ts_low)) / ticks
+                yield Record(ts, lt, bytes(b.pkt_data), b.pkt_len)
             elif btype == pcapng.PCAPNG_BT_SPB:
                 if not interfaces:
                     info.packets += 1
@@ -213,20 +254,23 @@ def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo) -> Iterator[Re
             raise _Cut(f"corrupt pcapng block type {btype:#x}") from None
 
 
-def _interface(idb, order: str) -> tuple[int, float, int]:
-    """Link type, timestamp unit and offset of one pcapng interface (if_tsresol, if_tsoffset)."""
-    unit, offset = 1e-6, 0
+def _interface(idb, order: str) -> tuple[int, int, int]:
+    """Link type, timestamp ticks per second and offset of one pcapng interface (if_tsresol,
+    if_tsoffset)."""
+    ticks, offset = 10**6, 0
     for opt in idb.opts:
         if opt.code == pcapng.PCAPNG_OPT_IF_TSRESOL and opt.data:
             v = opt.data[0]
-            unit = 2.0 ** -(v & 0x7F) if v & 0x80 else 10.0 ** -(v & 0x7F)
+            ticks = 2 ** (v & 0x7F) if v & 0x80 else 10 ** (v & 0x7F)
         elif opt.code == pcapng.PCAPNG_OPT_IF_TSOFFSET and len(opt.data) >= 8:
             offset = struct.unpack(order + "q", opt.data[:8])[0]
-    return idb.linktype, unit, offset
+    return idb.linktype, ticks, offset
 
 
-LINKTYPE_NAMES = {0: "NULL", 1: "EN10MB", 12: "RAW", 14: "RAW", 101: "RAW", 108: "LOOP",
-                  113: "LINUX_SLL", 276: "LINUX_SLL2", 228: "IPV4", 229: "IPV6"}
+LINKTYPE_NAMES = {0: "NULL", 1: "EN10MB", 9: "PPP", 12: "RAW", 14: "RAW", 50: "PPP_HDLC",
+                  101: "RAW", 105: "IEEE802_11", 108: "LOOP", 113: "LINUX_SLL",
+                  127: "IEEE802_11_RADIOTAP", 220: "USB_LINUX_MMAPPED", 228: "IPV4", 229: "IPV6",
+                  239: "NFLOG", 253: "NETLINK", 276: "LINUX_SLL2"}
 
 
 def linktype_name(lt: int) -> str:
