@@ -122,7 +122,7 @@ def raw_frame(dev: str) -> None:
 
 def cleanup() -> None:
     for n in NS:
-        subprocess.run(["ip", "netns", "del", n], stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "netns", "del", n], check=False, stderr=subprocess.DEVNULL)
 
 
 def setup() -> None:
@@ -151,9 +151,9 @@ def setup() -> None:
     # the server advertises a 1460-byte MSS although its link is 576: the router must fragment
     ns("pfr-b", "ip link set fb up", "ip addr add 10.30.2.1/24 dev fb",
        "ip route add 10.30.1.0/24 via 10.30.2.254 advmss 1460")
-    # NFLOG: copy the client's TCP packets to netlink group 5 (LINKTYPE_NFLOG, 239)
+    # NFLOG: copy the client's TCP packets to netlink groups 5 and 6 (one reader per group)
     ns("pfr-a", "nft add table ip pfr", "nft add chain ip pfr out '{ type filter hook output priority 0; }'",
-       "nft add rule ip pfr out tcp dport 8080 log group 5")
+       "nft add rule ip pfr out tcp dport 8080 log group 5", "nft add rule ip pfr out tcp dport 8080 log group 6")
     time.sleep(3)  # let IPv6 MLD reports of the new interfaces pass before capturing
 
 
@@ -168,19 +168,25 @@ def capture(runs: list[tuple[str, list[str]]], traffic: list[tuple[str, ...]]) -
         while "apturing on" not in (line := p.stderr.readline()) and "listening on" not in line:
             if not line:
                 raise SystemExit(f"capture failed: {p.args}")
-    time.sleep(0.5)
+    try:
+        time.sleep(0.5)
+        make(traffic)
+        time.sleep(0.5)
+    finally:
+        for p in procs:
+            p.send_signal(2)
+            p.wait()
+
+
+def make(traffic: list[tuple[str, ...]]) -> None:
     for t in traffic:
         if t[0] == "raw":
             subprocess.run(["ip", "netns", "exec", "pfr-a", sys.executable, ME, "raw", t[1]], check=True)
-        elif t[0] == "ping":
-            ns("pfr-a", f"ping -q -c 1 {t[1]} >/dev/null")
+        elif t[0] == "udp":  # one datagram to a closed port: UDP out, ICMP port unreachable back
+            ns("pfr-a", f"{sys.executable} -c 'import socket; socket.socket(2, 2).sendto(b\"x\", (\"{t[1]}\", 9))'")
         else:
             subprocess.run(["ip", "netns", "exec", "pfr-a", sys.executable, ME, "client", *t], check=True)
         time.sleep(0.2)
-    time.sleep(0.5)
-    for p in procs:
-        p.send_signal(2)
-        p.wait()
 
 
 def tcpdump(iface: str, *extra: str) -> list[str]:
@@ -211,9 +217,12 @@ def insert(h: bytes, d: bytes, at: int, extra: bytes) -> tuple[bytes, bytes]:
     return h[:8] + struct.pack("<II", caplen + n, wirelen + n), d[:at] + extra + d[at:]
 
 
+def swap(fmt: str, b: bytes) -> bytes:
+    return struct.pack(">" + fmt, *struct.unpack("<" + fmt, b))
+
+
 def derive() -> None:
     hdr, frames = pcap_frames(OUT / "eth_us.pcap")
-    swap = lambda fmt, b: struct.pack(">" + fmt, *struct.unpack("<" + fmt, b))  # noqa: E731
     write_pcap(OUT / "eth_be.pcap", swap("IHHiIII", hdr), [(swap("IIII", h), d) for h, d in frames])
     plain = (OUT / "eth_us.pcap").read_bytes()
     (OUT / "eth_us.pcap.gz").write_bytes(gzip.compress(plain, mtime=0))
@@ -256,9 +265,9 @@ def main() -> None:
                  ("sll.pcap", tcpdump("any", "-y", "LINUX_SLL")),
                  ("sll2.pcap", tcpdump("any", "-y", "LINUX_SLL2")),
                  ("nflog.pcap", tcpdump("nflog:5")),
-                 ("nflog_mix.pcapng", ["dumpcap", "-q", "-i", "nflog:5", "-i", "pa"])],
+                 ("nflog_mix.pcapng", ["dumpcap", "-q", "-i", "nflog:6", "-i", "pa"])],
                 [("10.0.0.1", "40001", "10.0.0.2"), ("10.0.0.1", "40002", "10.0.0.2", "refused"),
-                 ("10.0.0.1", "40003", "10.0.0.2", "ipopts"), ("ping", "10.0.0.2"), ("raw", "pa")])
+                 ("10.0.0.1", "40003", "10.0.0.2", "ipopts"), ("udp", "10.0.0.2"), ("raw", "pa")])
         capture([("ipv6.pcap", tcpdump("pa"))],
                 [("fd00::1", "40061", "fd00::2"), ("fd00::1", "40062", "fd00::2", "hbh")])
         capture([("raw.pcap", tcpdump("tuna")),

@@ -22,7 +22,8 @@ SEGMENT_COLUMNS: dict[str, str] = {
     "seq": "int64", "ack": "int64",    # raw 32-bit values
     "flags": "int32",     # TCP flags byte plus NS (0x100)
     "win": "int32",       # raw window field (unscaled)
-    "plen": "int32",      # TCP payload length on the wire (from IP lengths, not caplen)
+    "plen": "int32",      # TCP payload length on the wire (from IP lengths, not caplen);
+                          # of a fragmented datagram, only the first fragment's share
     "ipid": "int32",      # IPv4 identification, -1 for IPv6
     "ttl": "int16",       # TTL or hop limit
     "mss": "int32", "wscale": "int16",  # -1 when absent

@@ -155,6 +155,8 @@ def records(f: BinaryIO, info: CaptureInfo, supported: Container[int]) -> Iterat
     try:
         yield from gen
     except _Cut as cut:
+        if not links:  # nothing readable at all, like a cut pcap global header
+            raise CaptureError(f"{info.path}: cut short before any interface was described ({cut})") from None
         info.truncated = f"{cut} after packet {info.packets}"
     _check_links(info, links, supported)
 
