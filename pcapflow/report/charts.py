@@ -214,8 +214,8 @@ def _draw_segment(ax: Axes, row, y: int, cap_x: float | None) -> None:
 
 def _draw_states(ax: Axes, side: str, ep, conn, row_ts, end_ts: float, t0: float,
                  n: int) -> None:
-    """A side's states beside its timeline (several changes between two rows joined by an
-    arrow), and TIME_WAIT as a shaded span, cut at the view's end with its true end said."""
+    """A side's states beside its timeline (several changes between two rows stacked), and
+    TIME_WAIT as a shaded span, cut at the view's end with its true end said."""
     x = SIDE_X[side]
     outward = -1 if side == "client" else 1
     ha = "right" if side == "client" else "left"
@@ -239,8 +239,10 @@ def _draw_states(ax: Axes, side: str, ep, conn, row_ts, end_ts: float, t0: float
                         color=STATE_COLORS["TIME_WAIT"],
                         arrowprops={"arrowstyle": "-|>", "color": STATE_COLORS["TIME_WAIT"]})
     for y, states in labels.items():
-        ax.text(x + outward * 0.02, y, " → ".join(states), ha=ha, va="center", fontsize=7.5,
-                color=STATE_COLORS.get(states[-1], "black"), fontweight="bold")
+        for j, st in enumerate(states):
+            ax.text(x + outward * 0.02, y + 0.36 * (j - (len(states) - 1) / 2), st, ha=ha,
+                    va="center", fontsize=7.5, color=STATE_COLORS.get(st, "black"),
+                    fontweight="bold")
 
 
 # ---------------------------------------------------------------- FIN backoff
