@@ -17,6 +17,7 @@ from .capture import CaptureInfo, read_captures
 from .detectors import handshake_times
 from .flows import assign_connections
 from .teardown import Flow, Params, reconstruct
+from .zeek import zeek_fields
 
 SCHEMA = "pcapflow/1"
 CONNECTION_COLUMNS = """conn_id client_ip client_port server_ip server_port roles_inferred
@@ -27,7 +28,8 @@ orphan_retries_estimate lost_waves losses rst_by rst_kind time_wait_side time_wa
 time_wait_end time_wait_restarts reused_4tuple reuse_gap_s reuse_check reuse_isn_signature
 half_close_bytes close_wait_s fin_wait2_s fin_wait2_timeout client_keepalives
 server_keepalives teardown_s packets client_bytes server_bytes duplicates client_last_data_ts
-http_requests http_responses http_request_close http_response_close http10 http_cut""".split()
+http_requests http_responses http_request_close http_response_close http10 http_cut
+zeek_conn_state zeek_history orig_pkts resp_pkts orig_bytes resp_bytes""".split()
 EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
 SIDE_NAMES = ("client", "server")
 FLOW_FIELDS = ["ts", "d", "seq", "ack", "flags", "plen", "win", "ipid", "ttl", "tsval", "dsack", "http"]
@@ -187,20 +189,16 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         if len(seg):
             capture_end = max(capture_end, float(seg["ts"].max()))
     seg = seg.sort_values(["conn", "ts"], kind="stable", ignore_index=True)
-    live = seg[~seg["dup"]]
-    bounds = np.flatnonzero(np.diff(live["conn"].to_numpy())) + 1
-    arrays = {k: live[{"d": "dir"}.get(k, k)].to_numpy() for k in FLOW_FIELDS}
-    starts = np.concatenate([[0], bounds]) if len(live) else np.array([], dtype=int)
-    stops = np.concatenate([bounds, [len(live)]]) if len(live) else np.array([], dtype=int)
-    flows = {int(live["conn"].iat[a]): Flow(**{k: v[a:b] for k, v in arrays.items()})
-             for a, b in zip(starts, stops)}
+    flows = _flows(seg[~seg["dup"]])
+    wire = _flows(seg)  # Zeek counts every captured packet, duplicates included
     vantages = _vantages(conns, flows)
+    inferred = conns.set_index("conn_id")["roles_inferred"]
     rows, events, endpoints = [], [], {}
     for cid, flow in flows.items():
         v = vantages[cid]
         res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
         rows.append({"conn_id": cid, "first_ts": float(flow.ts[0]), "last_ts": float(flow.ts[-1]),
-                     **res.row})
+                     **res.row, **zeek_fields(wire[cid], bool(inferred[cid]))})
         endpoints[cid] = res.endpoints
         events += [(cid, t, SIDE_NAMES[s], kind, a, b, d) for t, s, kind, a, b, d in res.events]
     if not rows:
@@ -215,6 +213,17 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     ev = pd.DataFrame(events, columns=EVENT_COLUMNS).sort_values(["ts", "conn_id"], kind="stable",
                                                                  ignore_index=True)
     return Analysis(seg, captures, table, ev, params, endpoints)
+
+
+def _flows(seg: pd.DataFrame) -> dict[int, Flow]:
+    """One Flow per connection from segments sorted by (conn, ts)."""
+    if seg.empty:
+        return {}
+    conn = seg["conn"].to_numpy()
+    bounds = np.flatnonzero(np.diff(conn)) + 1
+    arrays = {k: seg[{"d": "dir"}.get(k, k)].to_numpy() for k in FLOW_FIELDS}
+    return {int(conn[a]): Flow(**{k: v[a:b] for k, v in arrays.items()})
+            for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(seg)]]))}
 
 
 def _vantages(conns: pd.DataFrame, flows: dict) -> dict[int, str]:
