@@ -5,8 +5,8 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable
 
 import numpy as np
 import pandas as pd

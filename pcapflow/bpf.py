@@ -38,16 +38,14 @@ def parse(expr: str):
         left = conjunction()
         while peek() in ("or", "||"):
             take()
-            right = conjunction()
-            left = (lambda a, b: lambda s: a(s) | b(s))(left, right)
+            left = _either(left, conjunction())
         return left
 
     def conjunction():
         left = negation()
         while peek() in ("and", "&&"):
             take()
-            right = negation()
-            left = (lambda a, b: lambda s: a(s) & b(s))(left, right)
+            left = _both(left, negation())
         return left
 
     def negation():
@@ -102,3 +100,11 @@ def parse(expr: str):
     if pos != len(tokens):
         raise FilterError(f"unexpected {tokens[pos]!r} in filter {expr!r}")
     return result
+
+
+def _either(a, b):
+    return lambda s: a(s) | b(s)
+
+
+def _both(a, b):
+    return lambda s: a(s) & b(s)

@@ -8,6 +8,7 @@ automaton. Kernel facts are from Linux (see TEARDOWN.md); each says where it app
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def handshake(c: Context) -> str:
 
 
 def client_ack_of_synack(c: Context) -> int | None:
-    _, synack, ack = handshake_times(c.f)
+    ack = handshake_times(c.f)[2]
     if ack is None:
         return None
     return int(np.flatnonzero(c.f.ts == ack)[0])
@@ -132,7 +133,7 @@ def is_exponential(intervals: list[float]) -> bool | None:
     rtos = intervals[1:] if has_tail_loss_probe(intervals) else intervals
     if len(rtos) < 2:
         return None
-    return bool(all(0.7 < b / min(2 * a, 120.0) < 1.3 for a, b in zip(rtos, rtos[1:])))
+    return bool(all(0.7 < b / min(2 * a, 120.0) < 1.3 for a, b in pairwise(rtos)))
 
 
 def orphan_retries_estimate(tx: list[float]) -> int | None:
@@ -213,8 +214,8 @@ def time_wait(c: Context, ends) -> dict:
                   if f.ts[i] > start and any(t <= f.ts[i] for t in later_tx)]
         own_acks = [float(f.ts[i]) for i in peer_fin.acks if f.ts[i] >= start]
         last = max(own_acks, default=start)
-        out["reacks"] += [(float(f.ts[i]), s, f"2MSL restarts, TIME_WAIT now ends "
-                           f"{2 * c.params.msl:.0f} s after this") for i in reacks]
+        out["reacks"] += [(float(f.ts[i]), s, (f"2MSL restarts, TIME_WAIT now ends "
+                           f"{2 * c.params.msl:.0f} s after this")) for i in reacks]
         out["restarts"] += len(reacks)
         end = out["ends"][s] = last + 2 * c.params.msl
         out["start"] = start if out["start"] is None else min(out["start"], start)

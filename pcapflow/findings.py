@@ -69,7 +69,7 @@ def server_time_wait_pileup(a) -> list[dict]:
     for (ip, port), g in tw.groupby(["server_ip", "server_port"]):
         if len(g) < MIN_PILEUP:
             continue
-        peak, when = peak_concurrency(g["time_wait_start"], g["time_wait_end"])
+        peak, _ = peak_concurrency(g["time_wait_start"], g["time_wait_end"])
         causes = _close_causes(g).value_counts()
         cause_text = ", ".join(f"{k} {v}" for k, v in causes.items())
         out.append(finding(
@@ -130,7 +130,7 @@ def port_exhaustion_risk(a) -> list[dict]:
         end = a.capture_end
         held = np.where(g["time_wait_side"].isin(["client", "both"]), g["time_wait_end"],
                         np.where(g["client_state_end"] == "CLOSED", g["last_ts"], end))
-        peak, when = peak_concurrency(g["first_ts"], held.astype(float))
+        peak, _ = peak_concurrency(g["first_ts"], held.astype(float))
         ports = np.sort(g["client_port"].unique())
         span = int(ports[-1] - ports[0] + 1)
         narrowed = span < size and peak >= 0.9 * span and len(ports) >= 0.9 * span

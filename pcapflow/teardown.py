@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import detectors as det
-from .http import http_fields
 from . import tcpstate as ts_
+from .http import http_fields
 from .tcpstate import Endpoint
 
 SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
@@ -238,8 +238,8 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
         rows.append((float(t), s, kind, st, st, detail))
     losses = det.losses(c)
     for loss in losses:
-        rows.append((loss["ts"], loss["side"], "LOSS", "", "", f"wave {loss['wave']} lost "
-                     f"{loss['position'].replace('_', ' ')}"))
+        rows.append((loss["ts"], loss["side"], "LOSS", "", "", (f"wave {loss['wave']} lost "
+                     f"{loss['position'].replace('_', ' ')}")))
     rows.sort(key=lambda r: r[0])
 
     row = det.connection_fields(c, ends, handshake, rst_kind, tw, losses, vantage)

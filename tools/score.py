@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -50,7 +51,9 @@ def checks(folder: Path, analyses: dict | None = None):
                 got = list(got) if isinstance(got, (list, tuple)) else got
                 if hasattr(got, "item"):
                     got = got.item()
-                yield vantage, label, fact, want, None if got != got else got  # NaN -> None
+                if isinstance(got, float) and math.isnan(got):
+                    got = None
+                yield vantage, label, fact, want, got
 
 
 def main(argv=None) -> int:

@@ -10,11 +10,11 @@ def story(a, conn_id: int) -> str:
     ev = a.events[a.events["conn_id"] == conn_id]
     t0 = r.first_ts
     lines = [
-        f"connection {conn_id}: {clean(r.client_ip)}:{r.client_port} (client) -> "
+        (f"connection {conn_id}: {clean(r.client_ip)}:{r.client_port} (client) -> "
         f"{clean(r.server_ip)}:{r.server_port} (server), incarnation {r.incarnation}, "
-        f"seen from the {r.vantage} side",
-        f"close: {r.close_type}, active closer: {r.active_closer}; at capture end the client is "
-        f"{r.client_state_end} and the server {r.server_state_end}",
+        f"seen from the {r.vantage} side"),
+        (f"close: {r.close_type}, active closer: {r.active_closer}; at capture end the client is "
+        f"{r.client_state_end} and the server {r.server_state_end}"),
     ]
     notes = anomalies(r)
     if notes:
