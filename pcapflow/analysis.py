@@ -263,7 +263,9 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
     key = [str(sorted([(c, cp), (s, sp)]))  # the same 4-tuple whichever side is client
            for c, cp, s, sp in table[["client_ip", "client_port", "server_ip", "server_port"]]
            .itertuples(index=False)]
-    for _, grp in table.groupby(key, sort=False):
+    key = pd.Series(key, index=table.index)
+    reused = key.duplicated(keep=False)
+    for _, grp in table[reused].groupby(key[reused], sort=False):
         grp = grp.sort_values("incarnation")
         for (i_old, old), (i_new, new) in zip(grp.iterrows(), list(grp.iterrows())[1:]):
             fnew = flows[new.conn_id]

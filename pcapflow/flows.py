@@ -136,22 +136,24 @@ def _best_fit(incs: list[dict], ep, seq: int, ack: int, flags: int) -> int:
 
 def _roles(seg: pd.DataFrame) -> pd.DataFrame:
     """One row per incarnation: who is client (the SYN's sender), in order of first packet."""
+    keys = ["_group", "_inc"]
+    ends = ["src", "sport", "dst", "dport"]
+    fl = seg["flags"].to_numpy() & (SYN | ACK)
+    first = seg.groupby(keys, sort=False)[["ts", *ends]].first()
+    syn = seg[fl == SYN].groupby(keys, sort=False)[ends].first()
+    synack = seg[fl == SYN | ACK].groupby(keys, sort=False)[ends].first()
     rows = []
-    for (g, k), s in seg.groupby(["_group", "_inc"], sort=False):
-        fl = s["flags"].to_numpy()
-        syn = np.flatnonzero((fl & (SYN | ACK)) == SYN)
-        synack = np.flatnonzero((fl & (SYN | ACK)) == (SYN | ACK))
-        first = s.iloc[0]
-        if len(syn):
-            c = s.iloc[syn[0]]
+    for key, f in first.iterrows():
+        if key in syn.index:
+            c = syn.loc[key]
             client, server, inferred = (c.src, c.sport), (c.dst, c.dport), False
-        elif len(synack):
-            c = s.iloc[synack[0]]
+        elif key in synack.index:
+            c = synack.loc[key]
             client, server, inferred = (c.dst, c.dport), (c.src, c.sport), True
         else:
-            client, server = _guess_roles((first.src, first.sport), (first.dst, first.dport))
+            client, server = _guess_roles((f.src, f.sport), (f.dst, f.dport))
             inferred = True
-        rows.append({"_group": g, "_inc": k, "first_ts": first.ts,
+        rows.append({"_group": key[0], "_inc": key[1], "first_ts": f.ts,
                      "client_ip": client[0], "client_port": int(client[1]),
                      "server_ip": server[0], "server_port": int(server[1]),
                      "roles_inferred": inferred})

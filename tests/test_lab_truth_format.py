@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import dpkt
@@ -178,3 +179,57 @@ def test_sender_capture_holds_every_fin(name):
         for c in t["connections"]:
             seen = counts[(c["client_port"], c["server_port"], c["incarnation"], side)]
             assert max(seen - 1, 0) == c["expect"][f"{side}_fin_retransmits"]
+
+
+def test_giveup_shows_the_client_silence_then_an_rst():
+    """lost_wave1_giveup: FINs that never arrive, the orphan gone, then data answered by RST."""
+    t = load("lost_wave1_giveup")
+    (c,) = t["connections"]
+    e, notes = c["expect"], t["notes"]
+    assert e["close_type"] == "fin_then_reset" and e["rst_kind"] == "reply_to_closed"
+    assert e["client_state_end"] == e["server_state_end"] == "CLOSED"
+    times = notes["fin_tx_times"]
+    assert len(times) == notes["client_fin_transmissions"] == e["client_fin_retransmits"] + 1
+    assert times[0] == 0 and times == sorted(times)
+    gaps = [b - a for a, b in pairwise(times[1:])]  # after the tail-loss probe
+    assert all(1.6 < b / a < 2.4 for a, b in pairwise(gaps)), gaps  # RTO doubling
+    assert notes["client_first_fin_at"] < notes["client_socket_gone_at"]
+    assert notes["server_write_at"] - notes["client_socket_gone_at"] > 2
+    assert c["vantage"]["server"]["close_type"] == "reset"
+    assert "lost_waves" in c["vantage"]["server"]["invisible"]
+    # The server's data left after the client socket was gone; the client's RST is bare.
+    ip = t["hosts"]["client"]["ip"]
+    segs = list(tcp_packets(CORPUS / "lost_wave1_giveup" / PCAPS["client"]))
+    rst = [tcp for src, tcp in segs if src == ip and tcp.flags & dpkt.tcp.TH_RST]
+    assert len(rst) == 1 and not rst[0].flags & dpkt.tcp.TH_ACK
+
+
+def test_no_rst_seen_means_no_rst_kind():
+    for name in SCENARIOS:
+        for c in load(name)["connections"]:
+            for vantage, view in c["vantage"].items():
+                if view.get("rst_by", c["expect"]["rst_by"]) == "none":
+                    assert view.get("rst_kind", c["expect"]["rst_kind"]) is None, (name, vantage)
+
+
+def test_postmortem_aggregate():
+    t = load("postmortem")
+    agg, conns = t["aggregate"], t["connections"]
+    kinds = Counter(c["expect"]["http"] for c in conns)
+    assert agg["connections"] == len(conns) == sum(agg["plan"].values())
+    assert kinds == Counter(agg["plan"])
+    assert agg["server_time_wait"] == kinds["close"] + kinds["limit:5"] >= 100
+    assert agg["server_close_reasons"]["request_limit"] == kinds["limit:5"] >= 15
+    assert agg["request_limit"] == 5
+    assert agg["close_wait_leaks"] == [
+        {"host": t["hosts"]["server"]["ip"], "port": 8080, "count": kinds["leak"]}
+    ]
+    lost = [c for c in conns if c["expect"]["lost_waves"]]
+    assert len(lost) == agg["lost_fins"] == len(agg["lost_fin_ports"]) == 3
+    assert {c["client_port"] for c in lost} == set(agg["lost_fin_ports"])
+    assert all(c["expect"]["server_fin_retransmits"] == 1 for c in lost)
+    assert sum(f["drops"] for f in t["faults"]) == 3
+    leaks = [c for c in conns if c["expect"]["http"] == "leak"]
+    assert all(c["expect"]["server_state_end"] == "CLOSE_WAIT" for c in leaks)
+    size = sum((CORPUS / "postmortem" / f).stat().st_size for f in PCAPS.values())
+    assert size < 1_000_000 and t["capture"]["stop"] - t["capture"]["start"] < 20

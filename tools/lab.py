@@ -16,6 +16,7 @@ See sample_pcaps/README.md for the truth format.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -284,6 +285,7 @@ class Scenario:
     faults: list[Fault] = field(default_factory=list)
     invisible: dict[str, list[str]] = field(default_factory=dict)  # vantage -> facts
     aggregate: bool = False
+    fin_times: str | None = None  # record this side's FIN transmission times in notes
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -328,6 +330,9 @@ class Run:
 
     def file(self, name: str) -> str:
         return str(self.tmp / name)
+
+    def file_touch(self, name: str) -> None:
+        Path(self.file(name)).touch()
 
     def wait_file(self, name: str, timeout: float = 20.0) -> None:
         deadline = time.time() + timeout
@@ -479,6 +484,7 @@ VANTAGE_FACTS = [
     "client_keepalives",
     "server_keepalives",
     "time_wait_restarts",
+    "half_close_bytes",
 ]
 
 
@@ -555,6 +561,13 @@ def build_truth(
         "peer_events": events,
         "lab_check": {"ok": not mismatches, "mismatches": mismatches},
     }
+    if sc.fin_times:
+        side = sc.fin_times
+        own = [m[f"{side}_fin_times"] for m in measured[side].values() if m[f"{side}_fin_times"]]
+        if own:  # seconds after the first transmission, in the sender's own capture
+            run.notes[f"{side}_fin_transmissions"] = len(own[0])
+            run.notes["fin_tx_times"] = [round(t - own[0][0], 4) for t in own[0]]
+            run.notes[f"{side}_first_fin_at"] = own[0][0]
     if run.notes:
         truth["notes"] = run.notes
     if sc.aggregate:
@@ -591,7 +604,7 @@ def settle_expect(
         settle(f"{side}_keepalives", own.get(f"{side}_keepalives", 0))
     for fact in ("close_type", "active_closer", "rst_by", "time_wait_restarts"):
         settle(fact, mid.get(fact, 0))
-    if "half_close_bytes" in mid:
+    if mid["active_closer"] != "none":
         exp["half_close_bytes"] = mid["half_close_bytes"]
     return exp, problems
 
@@ -605,8 +618,10 @@ def vantage_view(exp: dict, key: tuple, measured: dict, invisible: dict) -> dict
         v = {
             f: seen[f]
             for f in VANTAGE_FACTS
-            if f in seen and seen[f] != exp.get(f) and f not in hidden
+            if f in seen and f in exp and seen[f] != exp[f] and f not in hidden
         }
+        if seen.get("rst_by") == "none" and exp.get("rst_kind") and "rst_kind" not in hidden:
+            v["rst_kind"] = None  # no RST reached this capture point: no kind to tell
         if hidden:
             v["invisible"] = sorted(hidden)
         view[vantage] = v
@@ -626,6 +641,8 @@ def aggregate(conns: list[dict], snap: dict, events: list[dict]) -> dict:
             {"host": k.rsplit(":", 1)[0].strip("[]"), "port": int(k.rsplit(":", 1)[1]), "count": n}
             for k, n in leaks.items()
         ],
+        # connections with a lost FIN (wave 1 or 3), as the router's fault counters made them
+        "lost_fins": sum(any(w in (1, 3) for w in c["expect"]["lost_waves"]) for c in conns),
     }
     if reasons:
         agg["server_close_reasons"] = dict(reasons)
@@ -695,24 +712,32 @@ def lost_wave1(run: Run) -> list[dict]:
 
 @scenario(
     "Every client FIN is dropped; with tcp_orphan_retries=3 the orphaned client gives up "
-    "silently; the server never learns and stays ESTABLISHED.",
+    "silently; the server, still ESTABLISHED, writes 2.5 s later and gets a bare RST.",
     sysctls={"client": {"net.ipv4.tcp_orphan_retries": "3"}},
     faults=[drop_all("wave1_all", CLIENT_FIN)],
-    invisible={"server": ["lost_waves", "client_state_end"]},
+    invisible={"server": ["lost_waves"]},
+    fin_times="client",
 )
 def lost_wave1_giveup(run: Run) -> list[dict]:
-    run.server(*EXCHANGE_S, "hang")
+    run.server(*EXCHANGE_S, f"wait {run.file('write')}", "send 100", "hang")
     run.client(run.connect(), *EXCHANGE_C, "close")
+    run.notes["client_closed_at"] = time.time()
     run.snapshot("orphan retransmitting its FIN")
     run.notes["client_socket_gone_at"] = run.ss_gone("client", timeout=30)
     # tcp_orphan_retries=3 is a time budget of (2**4 - 1) * 200 ms = 3 s from the first
     # transmission; with RTO ~228 ms here the FIN goes out 5 times (TLP + 4 RTOs).
+    run.snapshot("client orphan gone, server still ESTABLISHED")
+    time.sleep(2.5)
+    run.notes["server_write_at"] = time.time()
+    run.file_touch("write")
+    time.sleep(0.2)
     return [
         conn(
-            close_type="abandoned",
-            server_state_end="ESTABLISHED",
-            client_fin_retransmits=4,
+            close_type="fin_then_reset",
+            client_fin_retransmits=(3, 4, 5),
             lost_waves=[1],
+            rst_by="client",
+            rst_kind="reply_to_closed",
             time_wait_side="none",
         )
     ]
@@ -986,7 +1011,13 @@ def tw_reuse_ephemeral(run: Run) -> list[dict]:
 @scenario(
     "Client keepalive (idle 1 s, interval 1 s, 3 probes); two probes are answered, then the "
     "router blackholes both directions; 3 unanswered probes, then the client sends RST.",
-    invisible={"server": ["client_state_end"]},
+    # The RST never reaches the server: from the client and the router the server's state
+    # cannot be known (ss says ESTABLISHED); the server never learns the client's.
+    invisible={
+        "client": ["server_state_end"],
+        "middle": ["server_state_end"],
+        "server": ["client_state_end"],
+    },
 )
 def keepalive_dead_peer(run: Run) -> list[dict]:
     run.server(*EXCHANGE_S, "hang")
@@ -1103,6 +1134,88 @@ def http_pileup(run: Run) -> list[dict]:
     ]
 
 
+LOST_FIN_PORTS = (41001, 41002, 41003)  # below the client's ephemeral range in postmortem
+POSTMORTEM_PLAN = (
+    ["close"] * 100
+    + ["limit:5"] * 20
+    + ["client_close"] * 12
+    + [f"client_close@{p}" for p in LOST_FIN_PORTS]
+    + ["leak"] * 5
+)
+
+
+@scenario(
+    "The project notebook's incident, on one server port: 120 server-first HTTP/1.1 closes "
+    "(100 `Connection: close`, 20 after a 5-request limit) pile up server TIME_WAIT; 15 "
+    "client-first closes answered within ~1 ms, 3 of them with the server's FIN (+ACK) "
+    "dropped once; 5 connections the server never closes (CLOSE_WAIT leak).",
+    sysctls={"client": {"net.ipv4.ip_local_port_range": "42000 60999"}},
+    faults=[
+        Fault(
+            "wave3",
+            drop_first(
+                "wave3", f"{SERVER_FIN} tcp dport {{ {', '.join(map(str, LOST_FIN_PORTS))} }}"
+            ).rules,
+            drops=len(LOST_FIN_PORTS),
+        )
+    ],
+    invisible={"client": ["lost_waves"]},
+    aggregate=True,
+)
+def postmortem(run: Run) -> list[dict]:
+    server = run.spawn(
+        "server",
+        "http_server",
+        run.server_ip,
+        str(PORT),
+        "--max-requests",
+        "5",
+        "--idle-timeout",
+        "30",
+    )
+    server.stdout.readline()  # {"event": "listening"}
+    plan = POSTMORTEM_PLAN[:]
+    random.Random(7).shuffle(plan)
+    run.notes.update(
+        request_limit=5,
+        plan=dict(Counter(p.partition("@")[0] for p in plan)),
+        lost_fin_ports=list(LOST_FIN_PORTS),
+    )
+    client = run.spawn("client", "http_client", run.server_ip, str(PORT), "--workers", "8", *plan)
+    done = [json.loads(line) for line in run.wait(client).splitlines()]
+    time.sleep(0.5)  # the dropped FINs' retransmissions (~0.25 s) complete
+    designed = []
+    for e in done:
+        if e["kind"] == "leak":
+            d = conn(
+                close_type="half_closed",
+                client_state_end="FIN_WAIT_2",
+                server_state_end="CLOSE_WAIT",
+                time_wait_side="none",
+            )
+        elif e["kind"] == "client_close":
+            lost = e["port"] in LOST_FIN_PORTS
+            d = conn(
+                close_type=("three_way", "four_way"),
+                client_state_end="TIME_WAIT",
+                server_fin_retransmits=1 if lost else 0,
+                client_fin_retransmits=(0, 1) if lost else 0,
+                # The server closes within ~1 ms, inside its delayed ACK: its FIN+ACK
+                # carries waves 2 and 3, so dropping it loses both (the client re-sends
+                # its FIN as well, unacknowledged).
+                lost_waves=[2, 3] if lost else [],
+            )
+        else:
+            d = conn(
+                close_type=("three_way", "four_way"),
+                active_closer="server",
+                server_state_end="TIME_WAIT",
+                time_wait_side="server",
+            )
+        designed.append(d | {"client_port": e["port"], "http": e["kind"]})
+    return designed
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -1118,12 +1231,16 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         sys.exit("tools/lab.py needs root (network namespaces, tcpdump, nftables)")
+    # One lab at a time per machine: the namespace names are fixed and each run deletes them.
+    lock_path = "/run/pf-lab.lock" if os.path.isdir("/run") else "/tmp/pf-lab.lock"
     failed = []
-    for name in args.scenario or list(SCENARIOS):
-        t = time.time()
-        ok = run_scenario(SCENARIOS[name], args.out)
-        print(f"{name:24} {'ok' if ok else 'MISMATCH'}  {time.time() - t:5.1f} s", flush=True)
-        failed += [] if ok else [name]
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in args.scenario or list(SCENARIOS):
+            t = time.time()
+            ok = run_scenario(SCENARIOS[name], args.out)
+            print(f"{name:24} {'ok' if ok else 'MISMATCH'}  {time.time() - t:5.1f} s", flush=True)
+            failed += [] if ok else [name]
     if failed:
         sys.exit(f"scenarios not matching their design: {', '.join(failed)}")
 

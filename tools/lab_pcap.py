@@ -110,6 +110,8 @@ def facts(flow: Flow) -> dict:
         "server_fin_retransmits": max(len(fins["server"]) - 1, 0),
         "client_fins": len(fins["client"]),
         "server_fins": len(fins["server"]),
+        "client_fin_times": [x.ts for x in fins["client"]],
+        "server_fin_times": [x.ts for x in fins["server"]],
         "rst_by": "both" if len(rst_by) == 2 else (rst_by[0] if rst_by else "none"),
         "rst_has_ack": [bool(x.flags & ACK) for s in rst_by for x in rsts[s]],
         "active_closer": active,
@@ -119,6 +121,7 @@ def facts(flow: Flow) -> dict:
     out["close_type"] = close_type(flow, fins, rsts, active)
     if out["close_type"] == "simultaneous":
         out["active_closer"] = "both"
+    out["half_close_bytes"] = 0  # no FIN seen here: nothing sent after one
     if active != "none":
         passive = other(active)
         out["half_close_bytes"] = sum(

@@ -9,7 +9,9 @@ Two modes, both driven by command-line arguments and printing one JSON line per 
     that are never closed stay open until the process exits or is killed.
 ``http_server`` / ``http_client``
     A small HTTP/1.1-like exchange for the many-connection scenarios: the server closes
-    after a ``Connection: close`` request, after N requests, or after an idle timeout.
+    after a ``Connection: close`` request, after N requests, after an idle timeout, or as
+    soon as it reads the client's EOF; a request carrying ``X-Lab-Leak`` makes it "forget"
+    the connection at EOF (a CLOSE_WAIT leak).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 LOG_LOCK = threading.Lock()
+LEAKED: list[socket.socket] = []  # sockets the HTTP server "forgets": kept open, never closed
 
 
 def log(**event: object) -> None:
@@ -175,7 +178,7 @@ def http_server(host: str, port: int, max_requests: int, idle_timeout: float) ->
     log(event="listening")
 
     def handle(sock: socket.socket, peer: tuple) -> None:
-        served, reason = 0, "client_eof"
+        served, reason, leak = 0, "client_eof", False
         sock.settimeout(idle_timeout)
         try:
             while True:
@@ -187,14 +190,20 @@ def http_server(host: str, port: int, max_requests: int, idle_timeout: float) ->
                 if req is None:
                     break
                 served += 1
+                leak = b"x-lab-leak:" in req.lower()
                 last = served >= max_requests or b"connection: close" in req.lower()
                 sock.sendall(HTTP_RESPONSE % (b"Connection: close\r\n" if last else b""))
                 if last:
                     reason = "request_limit" if served >= max_requests else "connection_close"
                     break
         finally:
-            sock.close()
-            log(event="server_close", peer_port=peer[1], requests=served, reason=reason)
+            if leak and reason == "client_eof":
+                # The "bug": EOF read, close() never called. Kept referenced (no GC close).
+                LEAKED.append(sock)
+                log(event="server_leak", peer_port=peer[1], requests=served)
+            else:
+                sock.close()
+                log(event="server_close", peer_port=peer[1], requests=served, reason=reason)
 
     while True:
         sock, peer = listener.accept()
@@ -202,17 +211,31 @@ def http_server(host: str, port: int, max_requests: int, idle_timeout: float) ->
 
 
 def http_client(host: str, port: int, plan: list[str], workers: int) -> None:
-    """Run one connection per plan entry: ``close``, ``idle`` or ``limit:N``."""
+    """Run one connection per plan entry.
 
-    def one(kind: str) -> None:
-        sock = socket.create_connection((host, port))
+    ``close`` (one request with ``Connection: close``), ``idle`` (one keep-alive request,
+    then silence until the server's idle timeout closes), ``limit:N`` (N keep-alive
+    requests; the server closes after the N-th): the server closes first and the client
+    closes when it reads EOF. ``client_close`` (one keep-alive request, then the client
+    closes first) and ``leak`` (the same with an ``X-Lab-Leak`` header: the server never
+    closes). A ``@PORT`` suffix binds that source port first (e.g. ``client_close@41001``).
+    """
+
+    def one(entry: str) -> None:
+        kind, _, src = entry.partition("@")
+        sock = socket.socket(family(host), socket.SOCK_STREAM)
+        if src:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::" if ":" in host else "0.0.0.0", int(src)))
+        sock.connect((host, port))
         my_port = sock.getsockname()[1]
         nreq = int(kind.split(":")[1]) if kind.startswith("limit") else 1
         for _ in range(nreq):
-            hdr = b"Connection: close\r\n" if kind == "close" else b""
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n" + hdr + b"\r\n")
+            hdr = {"close": b"Connection: close\r\n", "leak": b"X-Lab-Leak: 1\r\n"}
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n" + hdr.get(kind, b"") + b"\r\n")
             recv_response(sock)
-        recv_until_eof(sock)  # "idle": silent until the server's idle timeout closes
+        if kind not in ("client_close", "leak"):
+            recv_until_eof(sock)  # "idle": silent until the server's idle timeout closes
         sock.close()
         log(event="client_done", port=my_port, kind=kind)
 
