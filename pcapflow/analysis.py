@@ -87,12 +87,14 @@ class Analysis:
                                ignore_index=True)
 
     def state_timeline(self, freq: str = "1s", host: str | None = None) -> pd.DataFrame:
-        """Counts per state over time: index = time (UTC), one column per state."""
+        """Counts per state over time: index = time (UTC) every `freq` and the capture's end,
+        one column per state."""
         if self.capture_end is None or not len(self.connections):
             return pd.DataFrame()
         step = pd.Timedelta(freq).total_seconds()
         start = math.floor(float(self.connections["first_ts"].min()) / step) * step
-        secs = np.arange(start, self.capture_end + step / 2, step)
+        secs = np.arange(start, self.capture_end, step)
+        secs = np.append(secs, self.capture_end)  # the last row is the capture's end
         grid = pd.to_datetime(secs, unit="s", utc=True)
         counts: dict[str, np.ndarray] = {}
         for cid, (c_ep, s_ep) in self._endpoints.items():
