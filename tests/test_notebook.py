@@ -23,8 +23,7 @@ def test_postmortem_notebook_executes_and_reports_the_time_wait_count():
                             resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    tw, cw = (kernel_count(scenario, state) for scenario, state in
-              (("http_pileup", "TIME_WAIT"), ("close_wait_many", "CLOSE_WAIT")))
+    tw, cw = (kernel_count("postmortem", state) for state in ("TIME_WAIT", "CLOSE_WAIT"))
     assert f"server 10.0.2.2: at most {tw} TIME_WAIT at once" in text
     assert f"; {cw} CLOSE_WAIT at capture end" in text
     assert "ports did not run out" in text
