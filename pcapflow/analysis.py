@@ -27,7 +27,7 @@ client_fin_backoff server_fin_backoff fin_rto_estimate fin_backoff_exponential
 orphan_retries_estimate lost_waves losses rst_by rst_kind time_wait_side time_wait_start
 time_wait_end time_wait_restarts reused_4tuple reuse_gap_s reuse_check reuse_isn_signature
 half_close_bytes close_wait_s fin_wait2_s fin_wait2_timeout client_keepalives
-server_keepalives teardown_s packets client_bytes server_bytes duplicates client_last_data_ts
+server_keepalives unanswered_keepalives teardown_s packets client_bytes server_bytes duplicates client_last_data_ts
 http_requests http_responses http_request_close http_response_close http10 http_cut
 zeek_conn_state zeek_history orig_pkts resp_pkts orig_bytes resp_bytes""".split()
 EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]

@@ -417,6 +417,7 @@ def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, t
         "fin_wait2_timeout": any(fin_wait2_expiry(c, s) is not None for s in (0, 1)),
         "client_keepalives": len(sides[0].keepalives),
         "server_keepalives": len(sides[1].keepalives),
+        "unanswered_keepalives": sum(_unanswered(sides[s], sides[1 - s]) for s in (0, 1)),
         "teardown_s": (round(float(max(f.ts[i] for i in teardown_rows) - start_td), 6)
                        if teardown_rows else None),
         "packets": len(f),
@@ -424,6 +425,12 @@ def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, t
         "client_last_data_ts": _last(f.ts[(f.d == 0) & (f.plen > 0)]),
     }
     return row
+
+
+def _unanswered(prober, peer) -> int:
+    """Keepalive probes sent after the peer's last answer."""
+    last_answer = peer.keepalive_acks[-1] if peer.keepalive_acks else -1
+    return sum(i > last_answer for i in prober.keepalives)
 
 
 def _last(ts: np.ndarray) -> float | None:

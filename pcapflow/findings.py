@@ -106,7 +106,8 @@ def close_wait_leak(a) -> list[dict]:
             if leaks.empty:
                 continue
             where = f"{ip}:{port}" if side == "server" else f"{ip} (client of port {port})"
-            usual_text = (f"; {len(closed)} others closed within {usual * 1e3:.1f} ms of the peer's FIN"
+            usual_text = (f"; the {len(closed)} others closed a median {usual * 1e3:.2g} ms "
+                          "after the peer's FIN"
                           if usual is not None else "")
             out.append(finding(
                 "close_wait_leak", "critical" if len(leaks) >= 10 else "warning", ip, int(port), leaks,
@@ -125,7 +126,7 @@ def port_exhaustion_risk(a) -> list[dict]:
     size = hi - lo + 1
     out = []
     for (cip, sip, sport), g in c.groupby(["client_ip", "server_ip", "server_port"]):
-        if len(g) < MIN_PILEUP:
+        if len(g) < min(MIN_PILEUP, size / 2):
             continue
         end = a.capture_end
         held = np.where(g["time_wait_side"].isin(["client", "both"]), g["time_wait_end"],
@@ -171,7 +172,7 @@ def fin_loss(a) -> list[dict]:
 
 def orphan_giveup(a) -> list[dict]:
     c = a.connections
-    g = c[c["close_type"] == "abandoned"]
+    g = c[c["orphan_retries_estimate"].notna() | (c["close_type"] == "abandoned")]
     if g.empty:
         return []
     est = g["orphan_retries_estimate"].dropna()
@@ -246,10 +247,11 @@ def keepalive_dead_peer(a) -> list[dict]:
     g = c[c["rst_kind"] == "keepalive_timeout"]
     if g.empty:
         return []
-    probes = (g["client_keepalives"] + g["server_keepalives"]).median()
+    probes = g["unanswered_keepalives"].median()
     return [finding(
         "keepalive_dead_peer", "warning", None, None, g,
-        f"{len(g)} connections were reset after about {probes:.0f} unanswered keepalive probes.",
+        f"{len(g)} connections were reset after {probes:.0f} unanswered keepalive probes"
+        f"{' (median)' if len(g) > 1 else ''}.",
         "The peer host vanished (crash, cable, NAT state lost): nothing was sent, only "
         "keepalive probes revealed it (Linux: tcp_keepalive_time/intvl/probes).",
         "Expected when peers die; tune TCP_KEEPIDLE/KEEPINTVL/KEEPCNT (or an application "
