@@ -139,3 +139,14 @@ def test_readme_lists_every_vocabulary_value():
     for names in (vocab.CLOSE_TYPES, vocab.RST_KINDS, vocab.FINDING_KINDS, vocab.VANTAGES):
         for name in names:
             assert f"`{name}`" in readme, name
+
+
+def test_corrupt_gzip_is_a_one_line_error(tmp_path):
+    import gzip
+    data = bytearray(gzip.compress((SAMPLE / "refused" / "client.pcap").read_bytes()))
+    data[30:40] = b"x" * 10
+    bad = tmp_path / "bad.pcap.gz"
+    bad.write_bytes(bytes(data))
+    r = pcapflow("analyze", bad)
+    assert r.returncode == 2 and "compressed stream broken" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ import lzma
 import os
 import struct
 import sys
+import zlib
 from collections.abc import Container, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def read_exact(f: BinaryIO, n: int) -> bytes:
     """Read n bytes, fewer only at the end of the stream (or where decompression failed)."""
     try:
         return f.read(n)
-    except (EOFError, OSError, lzma.LZMAError, ValueError) as e:
+    except (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError) as e:
         raise _Cut(f"compressed stream broken ({e})") from None
 
 
@@ -140,7 +141,10 @@ def records(f: BinaryIO, info: CaptureInfo, supported: Container[int]) -> Iterat
 
     Raises CaptureError when no interface of the file has a link type in `supported`.
     """
-    head = read_exact(f, 4)
+    try:
+        head = read_exact(f, 4)
+    except _Cut as cut:
+        raise CaptureError(f"{info.path}: {cut}") from None
     links: list[int] = []
     if head in PCAP_MAGICS:
         info.format = "pcap"
