@@ -164,6 +164,50 @@ def show_cmd(capture, conn_id, output, msl, fin_timeout):
         click.echo(f"ladder: {output}", err=True)
 
 
+@cli.command("batch")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory: Parquet datasets connections/, events/, findings/, files/.")
+@click.option("--jobs", type=click.IntRange(min=1), help="Local worker processes (default: every core).")
+@click.option("--scheduler", metavar="ADDRESS", help="Run on this dask.distributed scheduler "
+              "(tcp://host:8786); workers must see the inputs and OUT_DIR at the same paths.")
+@click.option("--group-by", type=click.Choice(["dir", "none"]), default="dir", show_default=True,
+              help="One timeline per directory (vantage point), or one for everything.")
+@click.option("--msl", type=float, default=30.0, show_default=True, help="MSL in s; TIME_WAIT = 2 MSL.")
+@click.option("--fin-timeout", type=float, default=60.0, show_default=True,
+              help="net.ipv4.tcp_fin_timeout of the hosts, s.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: if a terminal).")
+def batch_cmd(paths, out_dir, jobs, scheduler, group_by, msl, fin_timeout, progress):
+    """Analyze an archive of captures (files, directories, globs) into Parquet datasets.
+
+    Files of one group are one timeline, ordered by first packet; unchanged groups are not
+    recomputed on a re-run. Exit status: 0 all files analyzed, 2 bad usage or no capture
+    found, 3 some files could not be read (listed in the summary and the files table).
+    """
+    from .batch import BatchError, run
+    bar = None
+
+    def advance(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="reading", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        result = run(paths, out_dir, jobs=jobs, scheduler=scheduler, group_by=group_by, msl=msl,
+                     fin_timeout=fin_timeout, progress=advance if show else None)
+    except BatchError as e:
+        raise InputError(clean(e)) from None
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(clean(result.summary()))
+    if result.failed:
+        sys.exit(3)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

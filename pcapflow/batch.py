@@ -1,0 +1,465 @@
+"""Many capture files, many processes: an archive of rotated captures -> Parquet datasets.
+
+map (read each file into segments, hash-partitioned by canonical 4-tuple, written under a
+temp dir) -> reduce (per partition, `analysis.build` over the segments of every file of the
+group, so a connection whose FIN is in one file and last ACK in the next is reconstructed
+as if the files were one) -> merge (conn_id renumbered in order of first packet, findings
+over the merged table). Runs on a local process pool or an existing dask.distributed
+cluster; a manifest in OUT_DIR lets a re-run skip groups whose files did not change.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .analysis import CONNECTION_COLUMNS, EVENT_COLUMNS, build
+from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, read_captures
+from .capture.files import COMPRESSION_MAGICS, PCAP_MAGICS, PCAPNG_MAGIC
+from .findings import compute_findings
+from .flows import DUP_KEY
+from .teardown import Params
+
+TABLES = ("connections", "events", "findings", "files")
+FILE_COLUMNS = ["path", "group", "size", "mtime", "sha256", "format", "compression", "linktype",
+                "packets", "tcp_packets", "skipped", "first_ts", "last_ts", "truncated", "error",
+                "duplicate_of", "overlaps"]
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+BYTES_PER_PARTITION = 64 << 20  # capture bytes per reduce partition: bounds a worker's memory
+CAPTURE_NAME = re.compile(r"\.(pcap|pcapng|cap|dmp)(\.|$)", re.IGNORECASE)
+REPEAT = "duplicate_of_other_file"  # skip reason: an earlier overlapping file holds this packet
+
+
+class BatchError(Exception):
+    """A usage problem: nothing to analyze, an unknown grouping, an unreachable scheduler."""
+
+
+@dataclass
+class BatchResult:
+    """What a batch run did: counts for the summary, and the files that could not be read."""
+
+    out_dir: str
+    files: int = 0
+    groups: int = 0
+    recomputed: int = 0
+    unchanged: int = 0
+    connections: int = 0
+    events: int = 0
+    findings: int = 0
+    truncated: int = 0  # files cut short mid-record: the packets before the cut were analyzed
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, error)
+
+    def summary(self) -> str:
+        head = (f"{self.files} files in {self.groups} groups ({self.recomputed} analyzed, "
+                f"{self.unchanged} unchanged): {self.connections} connections, "
+                f"{self.events} events, {self.findings} findings -> {self.out_dir}")
+        if self.truncated:
+            head += f"\n{self.truncated} files cut short mid-record: analyzed up to the cut"
+        lines = [head] + [f"failed: {path}: {error}" for path, error in self.failed]
+        return "\n".join(lines)
+
+
+def run(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, jobs: int | None = None,
+        scheduler: str | None = None, group_by: str = "dir", msl: float = 30.0,
+        fin_timeout: float = 60.0, partitions: int | None = None,
+        progress: Callable[[int, int], None] | None = None) -> BatchResult:
+    """Analyze every capture under `paths`, one timeline per group, into Parquet under `out_dir`.
+
+    `group_by`: "dir" (one vantage point per directory) or "none" (everything is one
+    timeline). `partitions` fixes the reduce partitions per group (default: by size).
+    `progress(done, total)` is called as files are read. Raises BatchError when no capture
+    is found; unreadable files are reported in the result and the `files` table.
+    """
+    out_dir = os.path.abspath(out_dir)
+    files = find_captures(paths, exclude=out_dir)
+    if not files:
+        raise BatchError("no capture files found in " + " ".join(map(str, paths)))
+    groups: dict[str, list[str]] = {}
+    for path in files:
+        groups.setdefault(_group_of(path, group_by), []).append(path)
+    params = {"msl": msl, "fin_timeout": fin_timeout}
+    os.makedirs(out_dir, exist_ok=True)
+    old = _load_manifest(out_dir, params)
+    stats = {p: os.stat(p) for p in files}
+    manifest = {"version": MANIFEST_VERSION, "params": params, "groups": {}}
+    todo = {}
+    for g, members in groups.items():
+        entry = old.get(g)
+        if entry is not None and _unchanged(entry, members, stats, out_dir):
+            manifest["groups"][g] = entry
+        else:
+            todo[g] = members
+    tmp = os.path.join(out_dir, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with _executor(jobs, scheduler) as pool:
+            manifest["groups"].update(_analyze_groups(
+                pool, todo, stats, out_dir, tmp, Params(msl=msl, fin_timeout=fin_timeout),
+                partitions, progress, len(files)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for g in set(old) - set(groups):
+        _remove_outputs(out_dir, old[g]["key"])
+    _unify_schemas(out_dir)
+    with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+    os.replace(os.path.join(out_dir, MANIFEST + ".tmp"), os.path.join(out_dir, MANIFEST))
+    result = BatchResult(out_dir, files=len(files), groups=len(groups), recomputed=len(todo),
+                         unchanged=len(groups) - len(todo))
+    for entry in manifest["groups"].values():
+        for k in ("connections", "events", "findings"):
+            setattr(result, k, getattr(result, k) + entry["counts"][k])
+        result.truncated += sum(bool(f["truncated"]) for f in entry["files"].values())
+        result.failed += [(p, f["error"]) for p, f in sorted(entry["files"].items()) if f["error"]]
+    return result
+
+
+def find_captures(paths: Iterable[str | os.PathLike], exclude: str | None = None) -> list[str]:
+    """Absolute paths of the captures named by `paths` (files, directories, glob patterns).
+
+    A file named directly is always taken; inside a directory, a file is taken when its name
+    says capture (.pcap, .pcapng, .cap, .dmp, compressed or not) or its first bytes are a
+    capture or compression magic, so README and JSON files beside captures are left out.
+    """
+    found: set[str] = set()
+    for arg in map(str, paths):
+        for hit in ([arg] if os.path.exists(arg) else glob.glob(arg, recursive=True)):
+            if os.path.isdir(hit):
+                for root, dirs, names in os.walk(hit):
+                    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                    found.update(os.path.abspath(os.path.join(root, n)) for n in names
+                                 if not n.startswith(".") and _looks_like_capture(os.path.join(root, n)))
+            elif os.path.isfile(hit):
+                found.add(os.path.abspath(hit))
+    if exclude is not None:
+        found = {p for p in found if os.path.commonpath([p, exclude]) != exclude}
+    return sorted(found)
+
+
+def _looks_like_capture(path: str) -> bool:
+    if CAPTURE_NAME.search(os.path.basename(path)):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return True  # unreadable: let the map step report it
+    return head[:4] in PCAP_MAGICS or head[:4] == PCAPNG_MAGIC or any(
+        head.startswith(m) for m in COMPRESSION_MAGICS)
+
+
+def _group_of(path: str, group_by: str) -> str:
+    if group_by == "dir":
+        return os.path.dirname(path)
+    if group_by == "none":
+        return "all"
+    raise BatchError(f"--group-by must be dir or none, not {group_by!r}")
+
+
+@contextmanager
+def _executor(jobs: int | None, scheduler: str | None) -> Iterator[Executor]:
+    """A local process pool on `jobs` cores (default all), or an existing dask cluster."""
+    if scheduler:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise BatchError("--scheduler needs dask.distributed: pip install 'pcapflow[dask]'") from None
+        try:
+            client = Client(scheduler, timeout=10)
+        except OSError as e:
+            raise BatchError(f"cannot reach the dask scheduler at {scheduler}: {e}") from None
+        with client:
+            yield client.get_executor(pure=False)  # files change on disk under the same arguments
+    else:
+        with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+            yield pool
+
+
+def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out_dir: str,
+                    tmp: str, params: Params, partitions: int | None, progress,
+                    total: int) -> dict[str, dict]:
+    """Map every file of the changed groups; reduce a group's partitions once its files are
+    read; merge and write a group once its partitions are analyzed. Returns manifest entries."""
+    maps, n_parts = {}, {}
+    for g, members in todo.items():
+        size = sum(stats[p].st_size for p in members)
+        n_parts[g] = partitions or max(1, math.ceil(size / BYTES_PER_PARTITION))
+        for i, path in enumerate(members):
+            out = os.path.join(tmp, _key(g), str(i))
+            maps[pool.submit(_map_file, path, out, n_parts[g])] = (g, path)
+    read: dict[str, dict[str, dict]] = {g: {} for g in todo}
+    plans, reduces, results, entries = {}, {}, {g: [] for g in todo}, {}
+    pending = {g: len(members) for g, members in todo.items()}
+
+    def finish(g: str) -> None:
+        tables, entries[g] = _merge(g, plans[g], results.pop(g), params)
+        _write_outputs(out_dir, entries[g]["key"], tables)
+
+    for k, fut in enumerate(as_completed(maps), 1):
+        g, path = maps[fut]
+        read[g][path] = fut.result()
+        if progress is not None:
+            progress(total - len(maps) + k, total)
+        pending[g] -= 1
+        if pending[g]:
+            continue
+        plans[g] = plan = _plan(g, todo[g], read.pop(g), stats)
+        for p in range(n_parts[g]):
+            parts = [(i, t["parts"][p]) for i, t in enumerate(plan["timeline"]) if p in t["parts"]]
+            if parts:
+                fut = pool.submit(_reduce, parts, plan["captures"], params, plan["end"],
+                                  plan["overlapping"])
+                reduces[fut] = g
+                pending[g] += 1
+        if not pending[g]:
+            finish(g)
+    for fut in as_completed(reduces):
+        g = reduces[fut]
+        results[g].append(fut.result())
+        pending[g] -= 1
+        if not pending[g]:
+            finish(g)
+    return entries
+
+
+def _map_file(path: str, out: str, n_parts: int) -> dict:
+    """Read one file: its sha256, accounting and segments, hash-partitioned to `out`/<p>.parquet."""
+    rec = {"sha256": None, "error": None, "info": asdict(CaptureInfo(path=path)), "parts": {}}
+    try:
+        rec["sha256"] = _sha256(path)
+        seg, (info,) = read_captures(path)
+    except CaptureError as e:
+        rec["error"] = str(e).removeprefix(f"{path}: ")  # the files table names the file
+        return rec
+    except Exception as e:  # noqa: BLE001 - one undecodable file must not sink the archive's batch
+        rec["error"] = f"{type(e).__module__}.{type(e).__qualname__}: {e}".removeprefix("builtins.")
+        return rec
+    rec["info"] = asdict(info)
+    if len(seg):
+        os.makedirs(out, exist_ok=True)
+        for p, part in seg.groupby(_partition(seg, n_parts), sort=True):
+            rec["parts"][int(p)] = os.path.join(out, f"{p}.parquet")
+            part.to_parquet(rec["parts"][int(p)], index=False)
+    return rec
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _partition(seg: pd.DataFrame, n_parts: int) -> np.ndarray:
+    """Partition of each segment: a stable hash of its 4-tuple, the same in both directions."""
+    a = seg["src"] + "|" + seg["sport"].astype(str)
+    b = seg["dst"] + "|" + seg["dport"].astype(str)
+    key = np.where(a < b, a + "/" + b, b + "/" + a)
+    return pd.util.hash_array(key.astype(object)) % np.uint64(n_parts)
+
+
+def _plan(group: str, members: list[str], read: dict[str, dict], stats: dict) -> dict:
+    """Order a group's files into one timeline: by first packet, without failed files or
+    exact copies (same sha256); each file lists the others whose time ranges overlap it."""
+    rows, timeline, first_of, active = [], [], {}, []
+    for path in sorted(members, key=lambda p: (read[p]["info"]["first_ts"] is None,
+                                               read[p]["info"]["first_ts"] or 0.0, p)):
+        r = read[path]
+        row = {**r["info"], "path": path, "group": group, "size": stats[path].st_size,
+               "mtime": stats[path].st_mtime, "sha256": r["sha256"], "error": r["error"],
+               "duplicate_of": None, "overlaps": []}
+        rows.append(row)
+        if r["error"]:
+            continue
+        if r["sha256"] in first_of:
+            row["duplicate_of"] = first_of[r["sha256"]]
+            continue
+        first_of[r["sha256"]] = path
+        if row["first_ts"] is None:
+            continue
+        active = [i for i in active if timeline[i]["row"]["last_ts"] > row["first_ts"]]
+        for i in active:
+            timeline[i]["row"]["overlaps"].append(path)
+            row["overlaps"].append(timeline[i]["row"]["path"])
+        active.append(len(timeline))
+        timeline.append({"row": row, "parts": r["parts"]})
+    overlapping = frozenset(i for i, t in enumerate(timeline) if t["row"]["overlaps"])
+    captures = [CaptureInfo(**{k: t["row"][k] for k in CaptureInfo.__dataclass_fields__})
+                for t in timeline]
+    end = max((c.last_ts for c in captures), default=None)
+    manifest = {p: {"size": stats[p].st_size, "mtime_ns": stats[p].st_mtime_ns,
+                    "sha256": read[p]["sha256"], "error": read[p]["error"],
+                    "truncated": read[p]["info"]["truncated"]} for p in members}
+    return {"rows": rows, "timeline": timeline, "captures": captures, "end": end,
+            "overlapping": overlapping, "manifest": manifest}
+
+
+def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: Params,
+            capture_end: float | None, overlapping: frozenset[int]) -> dict:
+    """Analyze one partition: the segments of its 4-tuples from every file of the group."""
+    frames = []
+    for index, path in parts:
+        seg = pd.read_parquet(path)
+        seg["capture"] = np.int32(index)
+        frames.append(seg)
+    seg = pd.concat(frames, ignore_index=True)
+    for col, dtype in SEGMENT_COLUMNS.items():  # Parquet gives strings a string dtype, NaN for None
+        if dtype == "object":
+            seg[col] = seg[col].astype(object).where(seg[col].notna(), None)
+    # read_captures' order: time, then file, then frame within the file
+    seg = seg.sort_values(["ts", "capture", "frame"], kind="stable", ignore_index=True)
+    repeats = _repeats(seg, overlapping)
+    dropped = seg.loc[repeats, "capture"].value_counts().to_dict()
+    a = build(seg[~repeats].reset_index(drop=True), captures, params, capture_end=capture_end)
+    first = a.segments.groupby("conn", sort=False)[["ts", "capture", "frame"]].first()
+    return {"connections": a.connections, "events": a.events, "first": first, "dropped": dropped}
+
+
+def _repeats(seg: pd.DataFrame, overlapping: frozenset[int]) -> np.ndarray:
+    """True for a packet an earlier file of overlapping ones already holds: same time, same headers."""
+    out = np.zeros(len(seg), dtype=bool)
+    cand = seg["capture"].isin(overlapping).to_numpy()
+    if cand.any():
+        sub = seg[cand]
+        first = sub.groupby(["ts", "ttl", *DUP_KEY], sort=False, dropna=False)["capture"].transform("first")
+        out[np.flatnonzero(cand)] = (sub["capture"] != first).to_numpy()
+    return out
+
+
+def _merge(group: str, plan: dict, results: list[dict], params: Params) -> tuple[dict, dict]:
+    """One group's tables from its partitions: global conn_id in order of first packet
+    (ties: file, then frame, as `analyze` orders them), findings over all connections."""
+    order = pd.concat([r["first"].assign(part=i, local=r["first"].index) for i, r in enumerate(results)],
+                      ignore_index=True).sort_values(["ts", "capture", "frame"], kind="stable",
+                                                     ignore_index=True)
+    ids = {(p, loc): new for new, (p, loc) in enumerate(zip(order["part"], order["local"]))}
+    conns, events = [], []
+    for i, r in enumerate(results):
+        remap = {loc: ids[(i, loc)] for loc in r["first"].index}
+        c = r["connections"].copy()
+        c["conn_id"] = c["conn_id"].map(remap)
+        conns.append(c)
+        e = r["events"].copy()
+        e["conn_id"] = e["conn_id"].map(remap)
+        e["detail"] = e["detail"].map(lambda d, m=remap: _renumber_text(d, m))
+        events.append(e)
+    if conns:
+        connections = pd.concat(conns).set_index("conn_id", drop=False).rename_axis(None).sort_index()
+        events_df = pd.concat(events).sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
+    else:
+        connections = pd.DataFrame(columns=CONNECTION_COLUMNS)
+        events_df = pd.DataFrame(columns=EVENT_COLUMNS)
+    findings = compute_findings(SimpleNamespace(connections=connections, params=params,
+                                                capture_end=plan["end"]))
+    dropped: dict[int, int] = {}
+    for r in results:
+        for cap, n in r["dropped"].items():
+            dropped[cap] = dropped.get(cap, 0) + int(n)
+    for cap, n in dropped.items():
+        row = plan["timeline"][cap]["row"]
+        row["skipped"] = {**row["skipped"], REPEAT: n}
+        row["tcp_packets"] -= n
+    files = pd.DataFrame([{k: r[k] for k in FILE_COLUMNS} for r in plan["rows"]], columns=FILE_COLUMNS)
+    tables = {"connections": connections, "events": events_df, "findings": findings}
+    for df in tables.values():
+        df.insert(0, "group", group)
+    tables["files"] = files
+    return tables, {"key": _key(group), "files": plan["manifest"],
+                    "counts": {k: len(tables[k]) for k in ("connections", "events", "findings")}}
+
+
+CONNECTION_REF = re.compile(r"\bconnection (\d+)")
+
+
+def _renumber_text(detail, remap: dict[int, int]):
+    """Event details name other connections ("... on connection 3"): use the global ids."""
+    if not isinstance(detail, str):
+        return detail
+    return CONNECTION_REF.sub(lambda m: f"connection {remap[int(m[1])]}", detail)
+
+
+def _key(group: str) -> str:
+    """File name of a group's outputs: readable tail plus a hash of the full group path."""
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(group.rstrip("/")) or "root")
+    return f"{tail}-{hashlib.sha256(group.encode()).hexdigest()[:12]}"
+
+
+def _load_manifest(out_dir: str, params: dict) -> dict:
+    """Groups of the previous run, or none when it used other parameters or another format."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST)) as fh:
+            m = json.load(fh)
+    except FileNotFoundError:
+        return {}
+    if m.get("version") != MANIFEST_VERSION or m.get("params") != params:
+        return {}
+    return m["groups"]
+
+
+def _unchanged(entry: dict, members: list[str], stats: dict, out_dir: str) -> bool:
+    """Same files with the same size and mtime (as make and rsync judge), outputs present."""
+    files = entry["files"]
+    if set(files) != set(members):
+        return False
+    if any((files[p]["size"], files[p]["mtime_ns"]) != (stats[p].st_size, stats[p].st_mtime_ns)
+           for p in members):
+        return False
+    return all(os.path.exists(_output(out_dir, t, entry["key"])) for t in TABLES)
+
+
+def _output(out_dir: str, table: str, key: str) -> str:
+    return os.path.join(out_dir, table, key + ".parquet")
+
+
+def _remove_outputs(out_dir: str, key: str) -> None:
+    for t in TABLES:
+        if os.path.exists(_output(out_dir, t, key)):
+            os.remove(_output(out_dir, t, key))
+
+
+def _write_outputs(out_dir: str, key: str, tables: dict[str, pd.DataFrame]) -> None:
+    for name, df in tables.items():
+        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+        write_table(df, _output(out_dir, name, key))
+
+
+def write_table(df: pd.DataFrame, path: str) -> None:
+    """One DataFrame as Parquet: lists as Arrow lists, dicts as structs, `skipped` as a map."""
+    df = df.reset_index(drop=True)
+    fields = [pa.field("skipped", pa.map_(pa.string(), pa.int64()))] if "skipped" in df else []
+    schema = pa.Schema.from_pandas(df.drop(columns=[f.name for f in fields]), preserve_index=False)
+    for f in fields:
+        schema = schema.insert(df.columns.get_loc(f.name), f)
+    pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _unify_schemas(out_dir: str) -> None:
+    """Give every group's file of a table one schema, so the directory reads as one dataset
+    (a group with no losses has `losses: list<null>`, another `list<struct<...>>`)."""
+    for t in TABLES:
+        paths = sorted(glob.glob(os.path.join(out_dir, t, "*.parquet")))
+        schemas = [pq.read_schema(p) for p in paths]
+        if len({s.remove_metadata() for s in schemas}) <= 1:
+            continue
+        common = pa.unify_schemas(schemas, promote_options="permissive")
+        for p, s in zip(paths, schemas):
+            if s.remove_metadata() != common.remove_metadata():
+                pq.write_table(pq.read_table(p).cast(common), p + ".tmp")
+                os.replace(p + ".tmp", p)
