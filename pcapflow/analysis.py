@@ -125,7 +125,8 @@ class Analysis:
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1, default=_json_default, allow_nan=False)
+        text = json.dumps(self.to_dict(), separators=(",", ":"), default=_json_default,
+                          allow_nan=False)
         if path is not None:
             with open(path, "w") as fh:
                 fh.write(text)
@@ -257,40 +258,43 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
     """4-tuple reuse inside TIME_WAIT: gap, RFC 6191 safety of the new SYN, and the old
     TIME_WAIT ended by it (Linux hands the slot to the new connection)."""
     table = table.copy()
-    table["reused_4tuple"] = False
-    table["reuse_gap_s"] = None
-    table["reuse_check"] = None
-    table["reuse_isn_signature"] = False
-    events = []
-    key = [str(sorted([(c, cp), (s, sp)]))  # the same 4-tuple whichever side is client
-           for c, cp, s, sp in table[["client_ip", "client_port", "server_ip", "server_port"]]
-           .itertuples(index=False)]
-    key = pd.Series(key, index=table.index)
-    reused = key.duplicated(keep=False)
-    for _, grp in table[reused].groupby(key[reused], sort=False):
-        grp = grp.sort_values("incarnation")
-        for (i_old, old), (i_new, new) in zip(grp.iterrows(), list(grp.iterrows())[1:]):
-            fnew = flows[new.conn_id]
-            syn = np.flatnonzero((fnew.flags & 0x12) == 0x02)
-            if not len(syn) or pd.isna(old.time_wait_start):
-                continue
-            t = float(fnew.ts[syn[0]])
-            if t >= old.time_wait_end:
-                continue
-            gap = round(t - old.time_wait_start, 6)
-            check, signature = _reuse_check(flows[old.conn_id], fnew, old, new, syn[0])
-            table.loc[i_new, ["reused_4tuple", "reuse_gap_s", "reuse_check", "reuse_isn_signature"]] = \
-                [True, gap, check, signature]
-            events.append((new.conn_id, t, "client", "TW_REUSE", "SYN_SENT", "SYN_SENT",
-                           f"{gap:.3f} s after TIME_WAIT began on connection {old.conn_id}; {check}"
-                           + ("; ISN = old snd.nxt + 65537 (Linux reused the slot)" if signature else "")))
-            for s, side in enumerate(("client", "server")):
-                moved = endpoints[old.conn_id][s].handle(ts_.TW_REPLACED, t)
-                if moved:
-                    table.loc[i_old, f"{side}_state_end"] = endpoints[old.conn_id][s].state
-                    table.loc[i_old, "time_wait_end"] = t
-                    events.append((old.conn_id, t, side, "STATE", *moved,
-                                   f"TIME_WAIT taken over by connection {new.conn_id}"))
+    a = table["client_ip"] + "|" + table["client_port"].astype(str)
+    b = table["server_ip"] + "|" + table["server_port"].astype(str)
+    table["_key"] = np.where(a < b, a + "/" + b, b + "/" + a)  # whichever side is client
+    pairs = table.sort_values(["_key", "incarnation"], kind="stable")
+    same = pairs["_key"].to_numpy()[1:] == pairs["_key"].to_numpy()[:-1]
+    olds = pairs.iloc[:-1][same & pairs["time_wait_start"].iloc[:-1].notna().to_numpy()]
+    news = pairs.iloc[1:][same & pairs["time_wait_start"].iloc[:-1].notna().to_numpy()]
+    updates, events = {}, []
+    for old, new in zip(olds.itertuples(), news.itertuples()):
+        fnew = flows[new.conn_id]
+        syn = np.flatnonzero((fnew.flags & 0x12) == 0x02)
+        t = float(fnew.ts[syn[0]]) if len(syn) else None
+        if t is None or t >= old.time_wait_end:
+            continue
+        gap = round(t - old.time_wait_start, 6)
+        check, signature = _reuse_check(flows[old.conn_id], fnew, old, new, syn[0])
+        updates[new.Index] = {"reused_4tuple": True, "reuse_gap_s": gap, "reuse_check": check,
+                              "reuse_isn_signature": signature}
+        events.append((new.conn_id, t, "client", "TW_REUSE", "SYN_SENT", "SYN_SENT",
+                       f"{gap:.3f} s after TIME_WAIT began on connection {old.conn_id}; {check}"
+                       + ("; ISN = old snd.nxt + 65537 (Linux reused the slot)" if signature else "")))
+        for s, side in enumerate(("client", "server")):
+            moved = endpoints[old.conn_id][s].handle(ts_.TW_REPLACED, t)
+            if moved:
+                updates.setdefault(old.Index, {}).update(
+                    {f"{side}_state_end": moved[1], "time_wait_end": t})
+                events.append((old.conn_id, t, side, "STATE", *moved,
+                               f"TIME_WAIT taken over by connection {new.conn_id}"))
+    table = table.drop(columns="_key")
+    fields = pd.DataFrame.from_dict(updates, orient="index")
+    for col, default in (("reused_4tuple", False), ("reuse_gap_s", None), ("reuse_check", None),
+                         ("reuse_isn_signature", False)):
+        table[col] = fields[col].reindex(table.index) if col in fields else None
+        table[col] = table[col].astype(object).where(table[col].notna(), default)
+    for col in ("client_state_end", "server_state_end", "time_wait_end"):
+        if col in fields:
+            table[col] = fields[col].reindex(table.index).combine_first(table[col])
     return table, events
 
 

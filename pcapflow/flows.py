@@ -72,9 +72,10 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     is_syn = (flags & (SYN | ACK)) == SYN
     syn_keys = seg.loc[is_syn, ["_group", "src", "sport", "seq"]].drop_duplicates()
     multi = syn_keys.groupby("_group").size()
+    cols = {k: seg[k].to_numpy() for k in ("src", "sport", "seq", "ack", "flags", "plen")}
     for g in multi[multi > 1].index:
         rows = np.flatnonzero(group == g)
-        inc[rows] = _split_incarnations(seg.iloc[rows])
+        inc[rows] = _split_incarnations(*(v[rows] for v in cols.values()))
     seg["_inc"] = inc
     conns = _roles(seg)
     seg = seg.merge(conns[["_group", "_inc", "conn_id", "client_ip", "client_port"]],
@@ -87,12 +88,12 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return seg, conns
 
 
-def _split_incarnations(g: pd.DataFrame) -> np.ndarray:
-    """Number the incarnations inside one 4-tuple's segments (time order)."""
-    out = np.zeros(len(g), dtype=np.int64)
+def _split_incarnations(*columns: np.ndarray) -> np.ndarray:
+    """Number the incarnations inside one 4-tuple's segments, given its src, sport, seq,
+    ack, flags and plen arrays in time order."""
+    out = np.zeros(len(columns[0]), dtype=np.int64)
     incs: list[dict] = []  # each: {"syn": (endpoint, isn), "hi": {endpoint: next seq}}
-    for i, (src, sport, seq, ack, flags, plen) in enumerate(zip(
-            g["src"], g["sport"], g["seq"], g["ack"], g["flags"], g["plen"])):
+    for i, (src, sport, seq, ack, flags, plen) in enumerate(zip(*(c.tolist() for c in columns))):
         ep = (src, sport)
         if flags & (SYN | ACK) == SYN and (not incs or all(x["syn"] != (ep, seq) for x in incs)):
             incs.append({"syn": (ep, seq), "hi": {}})
@@ -140,25 +141,26 @@ def _roles(seg: pd.DataFrame) -> pd.DataFrame:
     ends = ["src", "sport", "dst", "dport"]
     fl = seg["flags"].to_numpy() & (SYN | ACK)
     first = seg.groupby(keys, sort=False)[["ts", *ends]].first()
-    syn = seg[fl == SYN].groupby(keys, sort=False)[ends].first()
-    synack = seg[fl == SYN | ACK].groupby(keys, sort=False)[ends].first()
-    rows = []
-    for key, f in first.iterrows():
-        if key in syn.index:
-            c = syn.loc[key]
-            client, server, inferred = (c.src, c.sport), (c.dst, c.dport), False
-        elif key in synack.index:
-            c = synack.loc[key]
-            client, server, inferred = (c.dst, c.dport), (c.src, c.sport), True
-        else:
-            client, server = _guess_roles((f.src, f.sport), (f.dst, f.dport))
-            inferred = True
-        rows.append({"_group": key[0], "_inc": key[1], "first_ts": f.ts,
-                     "client_ip": client[0], "client_port": int(client[1]),
-                     "server_ip": server[0], "server_port": int(server[1]),
-                     "roles_inferred": inferred})
-    conns = pd.DataFrame(rows, columns=["_group", "_inc", "first_ts", "client_ip", "client_port",
-                                        "server_ip", "server_port", "roles_inferred"])
+    syn = seg[fl == SYN].groupby(keys, sort=False)[ends].first().add_prefix("syn_")
+    synack = seg[fl == SYN | ACK].groupby(keys, sort=False)[ends].first().add_prefix("sa_")
+    t = first.join(syn).join(synack).reset_index()
+    has_syn, has_sa = t["syn_src"].notna().to_numpy(), t["sa_src"].notna().to_numpy()
+    guessed = [_guess_roles((a, ap), (b, bp)) for a, ap, b, bp in
+               zip(t["src"], t["sport"], t["dst"], t["dport"])]
+    g_client = pd.DataFrame([c for c, _ in guessed], columns=["ip", "port"])
+    g_server = pd.DataFrame([s for _, s in guessed], columns=["ip", "port"])
+
+    def pick(from_syn, from_synack, guess):  # the SYN's sender, else the SYN-ACK's receiver
+        return np.where(has_syn, t[from_syn], np.where(has_sa, t[from_synack], guess))
+
+    conns = pd.DataFrame({
+        "_group": t["_group"], "_inc": t["_inc"], "first_ts": t["ts"],
+        "client_ip": pick("syn_src", "sa_dst", g_client["ip"]),
+        "client_port": pick("syn_sport", "sa_dport", g_client["port"]).astype(np.int64),
+        "server_ip": pick("syn_dst", "sa_src", g_server["ip"]),
+        "server_port": pick("syn_dport", "sa_sport", g_server["port"]).astype(np.int64),
+        "roles_inferred": ~has_syn,
+    })
     conns = conns.sort_values("first_ts", kind="stable", ignore_index=True)
     conns.insert(0, "conn_id", np.arange(len(conns), dtype=np.int64))
     conns["incarnation"] = conns.groupby("_group").cumcount().astype(np.int64)
