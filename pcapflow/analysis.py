@@ -11,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 import pandas as pd
 
-from . import tcpstate as ts_
+from . import tcpstate
 from . import vantage as vt
 from .capture import CaptureInfo, read_captures
 from .detectors import handshake_times
@@ -280,7 +280,7 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
                        f"{gap:.3f} s after TIME_WAIT began on connection {old.conn_id}; {check}"
                        + ("; ISN = old snd.nxt + 65537 (Linux reused the slot)" if signature else "")))
         for s, side in enumerate(("client", "server")):
-            moved = endpoints[old.conn_id][s].handle(ts_.TW_REPLACED, t)
+            moved = endpoints[old.conn_id][s].handle(tcpstate.TW_REPLACED, t)
             if moved:
                 updates.setdefault(old.Index, {}).update(
                     {f"{side}_state_end": moved[1], "time_wait_end": t})

@@ -7,7 +7,8 @@ automaton. Kernel facts are from Linux (see TEARDOWN.md); each says where it app
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import pairwise
 
 import numpy as np
@@ -24,6 +25,7 @@ class Context:
     local: frozenset     # sides whose received segments the capture point sees arrive
     capture_end: float
     params: object       # teardown.Params
+    _giveups: dict = field(default_factory=dict)
 
     def fin_received_at(self, s: int) -> float | None:
         """When side 1-s received side s's FIN, as far as the capture can prove it."""
@@ -38,6 +40,15 @@ class Context:
         copy = max(i for i in fin.tx if i < proof) if fin.tx[0] < proof else fin.tx[0]
         later = [i for i in range(copy + 1, proof) if f.d[i] == s and i not in fin.tx]
         return float(f.ts[later[0]] if later else f.ts[proof])
+
+    @cached_property
+    def handshake(self) -> tuple[int | None, int | None, int | None]:
+        return handshake_rows(self.f)
+
+    def giveup(self, s: int) -> dict | None:
+        if s not in self._giveups:
+            self._giveups[s] = fin_giveup(self, s)
+        return self._giveups[s]
 
     def fin_missed(self, s: int) -> bool:
         """Did side 1-s show that it never got side s's FIN? It sent a segment well after
@@ -58,38 +69,34 @@ class Context:
         return None
 
 
-def handshake_times(f) -> tuple[float | None, float | None, float | None]:
-    """(last SYN before the SYN-ACK, first SYN-ACK, the client's ACK of it) timestamps."""
+def handshake_rows(f) -> tuple[int | None, int | None, int | None]:
+    """Rows of (the last SYN before the SYN-ACK, the first SYN-ACK, the client's ACK of it)."""
     fl = f.flags
     synack = np.flatnonzero(((fl & (SYN | ACK)) == (SYN | ACK)) & (f.d == 1))
     if not len(synack):
         return None, None, None
-    k = synack[0]
-    syn = np.flatnonzero(((fl & (SYN | ACK)) == SYN) & (f.d == 0) & (np.arange(len(fl)) < k))
+    k = int(synack[0])
+    syn = np.flatnonzero(((fl[:k] & (SYN | ACK)) == SYN) & (f.d[:k] == 0))
     isn = int(f.seq[k])
-    ack = np.flatnonzero((f.d == 0) & ((fl & (SYN | RST | ACK)) == ACK)
-                         & (f.ack == (isn + 1) % (1 << 32)) & (np.arange(len(fl)) > k))
-    return (float(f.ts[syn[-1]]) if len(syn) else None, float(f.ts[k]),
-            float(f.ts[ack[0]]) if len(ack) else None)
+    # any client ACK at or beyond isn + 1 proves the SYN-ACK arrived (data may come first)
+    ack = np.flatnonzero((f.d[k:] == 0) & ((fl[k:] & (SYN | RST | ACK)) == ACK)
+                         & ((f.ack[k:] - isn - 1) % (1 << 32) < (1 << 31)))
+    return (int(syn[-1]) if len(syn) else None, k, k + int(ack[0]) if len(ack) else None)
+
+
+def handshake_times(f) -> tuple[float | None, float | None, float | None]:
+    return tuple(None if i is None else float(f.ts[i]) for i in handshake_rows(f))
 
 
 def handshake(c: Context) -> str:
-    syn, synack, ack = handshake_times(c.f)
-    if syn is not None and synack is not None and ack is not None:
+    if None not in c.handshake:
         return "complete"
     if c.sides[0].syn or c.sides[1].syn:
         return "partial"
     return "none"
 
 
-def client_ack_of_synack(c: Context) -> int | None:
-    ack = handshake_times(c.f)[2]
-    if ack is None:
-        return None
-    return int(np.flatnonzero(c.f.ts == ack)[0])
-
-
-def fin_giveup(c: Context, s: int) -> dict | None:
+def fin_giveup(c: Context, s: int) -> dict | None:  # memoised as Context.giveup(s)
     """Linux drops an orphan whose FIN stays unacknowledged after tcp_orphan_retries
     retransmissions, one doubled timeout after the last one, without an RST."""
     side = c.sides[s]
@@ -306,7 +313,7 @@ def _fin_losses(c: Context, s: int):
             found.append(("ack", "before_capture", float(prev_t)))
         else:
             found.append(("fin", "after_capture", float(prev_t)))
-    if fin_giveup(c, s) is not None:
+    if c.giveup(s) is not None:
         found.append(("fin", "after_capture", float(f.ts[tx[-1]])))
     gap = _ipid_gap(c, s)
     if gap:
@@ -367,7 +374,7 @@ def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, t
                       loss: list[dict], vantage: str) -> dict:
     """The SPEC's teardown columns for one connection."""
     f, sides = c.f, c.sides
-    giveups = [fin_giveup(c, s) for s in (0, 1)]
+    giveups = [c.giveup(s) for s in (0, 1)]
     active, _ = closers(c)
     rst_sides = [s for s in (0, 1) if sides[s].rst]
     fins_ts = [float(f.ts[sides[s].fin.tx[0]]) if sides[s].fin else None for s in (0, 1)]

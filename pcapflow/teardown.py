@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import detectors as det
-from . import tcpstate as ts_
+from . import tcpstate
 from .http import http_fields
 from .tcpstate import Endpoint
 
@@ -160,19 +160,19 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
     if sides[0].syn and not (f.flags[sides[0].syn[0]] & ACK):
         for n, i in enumerate(sides[0].syn):
             if n == 0:
-                put(f.ts[i], 0, ts_.SEND_SYN, "SYN")
+                put(f.ts[i], 0, tcpstate.SEND_SYN, "SYN")
             else:
                 events.append((f.ts[i], 0, "SYN", f"retransmission {n}"))
         if sides[1].syn:
             ends[1].start("LISTEN", first)
             i = sides[1].syn[0]
-            put(f.ts[i], 1, ts_.RECV_SYN, "SYN_ACK")
-            est = det.client_ack_of_synack(c)
+            put(f.ts[i], 1, tcpstate.RECV_SYN, "SYN_ACK")
+            est = c.handshake[2]  # the client's ACK of the SYN-ACK
             got = f.ts[i] if 0 in local else (f.ts[est] if est is not None else None)
-            if got is not None:
-                put(got, 0, ts_.RECV_SYNACK, "ESTABLISHED")
+            if got is not None:  # proven by the client's ACK: received before it was sent
+                put(got, 0, tcpstate.RECV_SYNACK, "ESTABLISHED", order=1 if 0 in local else 0)
             if est is not None:
-                put(f.ts[est], 1, ts_.RECV_ACK_OF_SYN, "ESTABLISHED")
+                put(f.ts[est], 1, tcpstate.RECV_ACK_OF_SYN, "ESTABLISHED")
     else:  # the capture began mid-connection
         ends[0].start("ESTABLISHED", first)
         ends[1].start("ESTABLISHED", first)
@@ -184,24 +184,24 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
         prev = None
         for n, i in enumerate(fin.tx):
             if n == 0:
-                put(f.ts[i], s, ts_.SEND_FIN, "FIN", "with data" if f.plen[i] else "")
+                put(f.ts[i], s, tcpstate.SEND_FIN, "FIN", "with data" if f.plen[i] else "")
             else:
                 events.append((f.ts[i], s, "FIN_RETRANSMIT", f"+{f.ts[i] - f.ts[prev]:.3f} s"))
             prev = i
         got = c.fin_received_at(s)
         if got is not None:  # proven by the receiver's own segment: received before it was sent
-            put(got, 1 - s, ts_.RECV_FIN, "STATE", f"received {SIDES[s]} FIN",
+            put(got, 1 - s, tcpstate.RECV_FIN, "STATE", f"received {SIDES[s]} FIN",
                 order=2 if 1 - s in local else 0)
         elif not c.fin_missed(s):  # no ACK of it either way: the receiver's state is unknown
-            put(f.ts[fin.tx[0]], 1 - s, ts_.LOST_TRACK, "STATE",
+            put(f.ts[fin.tx[0]], 1 - s, tcpstate.LOST_TRACK, "STATE",
                 f"{SIDES[s]} FIN seen, no proof it arrived", order=2)
         acked = c.fin_ack_received_at(s)
         if acked is not None:
-            put(acked[0], s, ts_.RECV_ACK_OF_FIN, "STATE", f"{SIDES[1 - s]} ACK of FIN received", order=1)
+            put(acked[0], s, tcpstate.RECV_ACK_OF_FIN, "STATE", f"{SIDES[1 - s]} ACK of FIN received", order=1)
             events.append((f.ts[fin.acks[0]], 1 - s, "ACK_OF_FIN", f"ack {int(f.ack[fin.acks[0]])}"))
-        giveup = det.fin_giveup(c, s)
+        giveup = c.giveup(s)
         if giveup is not None:
-            put(giveup["at"], s, ts_.RETRIES_EXHAUSTED, "STATE",
+            put(giveup["at"], s, tcpstate.RETRIES_EXHAUSTED, "STATE",
                 f"FIN sent {len(fin.tx)} times, never acknowledged: socket dropped")
 
     rst_kind = det.rst_kind(c)
@@ -210,13 +210,13 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
             i = sides[s].rst[0]
             fw2 = det.fin_wait2_expiry(c, s)
             if fw2 is not None:
-                put(fw2, s, ts_.FIN_WAIT2_EXPIRED, "STATE", "orphaned FIN_WAIT_2 expired", order=0)
-            put(f.ts[i], s, ts_.SEND_RST, "RST", rst_kind or "")
+                put(fw2, s, tcpstate.FIN_WAIT2_EXPIRED, "STATE", "orphaned FIN_WAIT_2 expired", order=0)
+            put(f.ts[i], s, tcpstate.SEND_RST, "RST", rst_kind or "")
             if rst_kind == "keepalive_timeout" and 1 - s not in local:  # the peer is unreachable
-                put(f.ts[i], 1 - s, ts_.LOST_TRACK, "STATE", "peer unreachable: RST may not arrive",
+                put(f.ts[i], 1 - s, tcpstate.LOST_TRACK, "STATE", "peer unreachable: RST may not arrive",
                     order=3)
             else:
-                put(f.ts[i], 1 - s, ts_.RECV_RST, "STATE", f"{SIDES[s]} RST received", order=3)
+                put(f.ts[i], 1 - s, tcpstate.RECV_RST, "STATE", f"{SIDES[s]} RST received", order=3)
 
     inputs.sort(key=lambda x: (x[0], x[1]))
     rows = []
@@ -230,7 +230,7 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
     for t, s, detail in tw["reacks"]:
         rows.append((t, s, "TW_REACK", "TIME_WAIT", "TIME_WAIT", detail))
     for s, end in tw["ends"].items():
-        moved = ends[s].handle(ts_.TIMEWAIT_EXPIRED, end) if end <= capture_end else None
+        moved = ends[s].handle(tcpstate.TIMEWAIT_EXPIRED, end) if end <= capture_end else None
         if moved:
             rows.append((end, s, "STATE", *moved, "2MSL expired"))
     for t, s, kind, detail in events + det.keepalive_events(c) + det.half_close_events(c):

@@ -405,3 +405,17 @@ def test_both_time_waits_of_a_simultaneous_close_expire():
     assert (r.time_wait_side, r.client_state_end, r.server_state_end) == ("both", "CLOSED", "CLOSED")
     expired = a.events[a.events["detail"] == "2MSL expired"]
     assert sorted(expired["side"]) == ["client", "server"]
+
+
+def test_server_data_before_the_handshake_ack_still_completes_the_handshake():
+    s = Script()
+    s.send("c", "S", 0.0)
+    s.send("s", "SA", 0.02)
+    s.send("s", "PA", 0.021, plen=85)   # the server speaks first (banner), then closes
+    s.send("s", "FA", 0.022)
+    s.send("c", "A", 0.04)              # acks SYN-ACK, data and FIN at once
+    s.send("c", "FA", 0.05)
+    s.send("s", "A", 0.07)
+    r = row(s.analyze())
+    assert (r.handshake, r.client_state_end, r.server_state_end) == ("complete", "CLOSED", "TIME_WAIT")
+    assert r.close_wait_s == pytest.approx(0.01, abs=0.011)
