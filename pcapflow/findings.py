@@ -97,7 +97,8 @@ def close_wait_leak(a) -> list[dict]:
             if stuck.empty:
                 continue
             closed = g[g[f"{side}_fin_ts"].notna()]
-            usual = float(np.median(closed["close_wait_s"].dropna())) if len(closed) else None
+            waits = closed["close_wait_s"].dropna()
+            usual = float(np.median(waits)) if len(waits) else None
             longest = stuck["close_wait_s"].sort_values(ascending=False)
             absolute = longest >= a.params.close_wait_threshold
             habitual = (usual is not None and len(closed) >= len(stuck)

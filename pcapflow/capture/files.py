@@ -21,6 +21,11 @@ from typing import BinaryIO
 import dpkt
 from dpkt import pcap, pcapng
 
+try:
+    from zstandard import ZstdError
+except ImportError:  # zstd input is then refused by _open_zstd before any read
+    ZstdError = OSError
+
 
 class CaptureError(Exception):
     """A user-caused problem with an input: the message names the file and the reason."""
@@ -32,6 +37,7 @@ PCAP_MAGICS = {
     b"\x4d\x3c\xb2\xa1": ("<", 10**9), b"\xa1\xb2\x3c\x4d": (">", 10**9),
 }
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+MAX_INTERFACES = 1 << 16  # per pcapng section: more is a corrupt or hostile file, not a capture
 COMPRESSION_MAGICS = {
     b"\x1f\x8b": ("gzip", lambda f: gzip.GzipFile(fileobj=f)),
     b"BZh": ("bz2", bz2.BZ2File),
@@ -128,7 +134,7 @@ def read_exact(f: BinaryIO, n: int) -> bytes:
     """Read n bytes, fewer only at the end of the stream (or where decompression failed)."""
     try:
         return f.read(n)
-    except (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError) as e:
+    except (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError, ZstdError) as e:
         raise _Cut(f"compressed stream broken ({e})") from None
 
 
@@ -181,8 +187,7 @@ def _pcap_records(f: BinaryIO, magic: bytes, info: CaptureInfo, links: list[int]
         raise CaptureError(f"{info.path}: pcap global header cut short ({4 + len(rest)} of 24 bytes)")
     hdr = (pcap.LEFileHdr if order == "<" else pcap.FileHdr)(magic + rest)
     linktype = hdr.linktype & 0xFFFF  # upper bits: FCS length and flags (RFC draft pcap 4)
-    info.linktype.append(linktype_name(linktype))
-    links.append(linktype)
+    _new_link(info, links, linktype)
     _check_links(info, links, supported)
     rec = struct.Struct(order + "IIII")
     while True:
@@ -231,10 +236,11 @@ def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo,
         le = order == "<"
         try:
             if btype == pcapng.PCAPNG_BT_IDB:
+                if len(interfaces) == MAX_INTERFACES:
+                    raise _Cut(f"more than {MAX_INTERFACES:,} interfaces in one section")
                 interfaces.append(_interface(pcapng.InterfaceDescriptionBlockLE(buf) if le
                                              else pcapng.InterfaceDescriptionBlock(buf), order))
-                info.linktype.append(linktype_name(interfaces[-1][0]))
-                links.append(interfaces[-1][0])
+                _new_link(info, links, interfaces[-1][0])
             elif btype in (pcapng.PCAPNG_BT_EPB, pcapng.PCAPNG_BT_PB):
                 if btype == pcapng.PCAPNG_BT_EPB:
                     b = pcapng.EnhancedPacketBlockLE(buf) if le else pcapng.EnhancedPacketBlock(buf)
@@ -258,6 +264,13 @@ def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo,
                 yield Record(float("nan"), interfaces[0][0], buf[12:12 + min(wirelen, blen - 16)], wirelen)
         except (dpkt.UnpackError, ValueError, struct.error, IndexError):
             raise _Cut(f"corrupt pcapng block type {btype:#x}") from None
+
+
+def _new_link(info: CaptureInfo, links: list[int], linktype: int) -> None:
+    """Note a link type once, however many interfaces have it."""
+    if linktype not in links:
+        links.append(linktype)
+        info.linktype.append(linktype_name(linktype))
 
 
 def _interface(idb, order: str) -> tuple[int, int, int]:
