@@ -89,4 +89,20 @@ FINDING_KINDS = {
     "keepalive_dead_peer": "Keepalive probes went unanswered and the prober reset the connection.",
 }
 
+# Why a packet read is not a TCP segment of the analysis: packets = tcp_packets + sum(skipped).
+SKIP_REASONS = {
+    "non_ip": "a link-layer frame carrying no IP (ARP, LLDP, ...)",
+    "non_tcp": "an IP datagram of another protocol (UDP, ICMP, ESP, ...)",
+    "fragment": "an IP fragment after the first (the TCP header is in the first)",
+    "truncated": "captured bytes end inside the TCP header (small snap length)",
+    "malformed": "IP or TCP header contradicting itself or the lengths around it "
+                 "(IHL < 5, data offset < 5 or past the datagram, extension chain overrun)",
+    "unsupported_link": "a frame of a link type pcapflow does not decode",
+    "no_interface": "a pcapng packet of an interface never described (no IDB for it)",
+    "bad_timestamp": "no timestamp (pcapng simple packet block) or one outside 1677-2262",
+    "segment_cap": "a TCP segment past the segment cap (capture/limits.py)",
+    "connection_cap": "a TCP segment of a 4-tuple past the connection cap (capture/limits.py)",
+    "filtered": "left out by --filter",
+}
+
 SEVERITIES = ("info", "warning", "critical")

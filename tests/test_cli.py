@@ -136,7 +136,8 @@ def test_show_tells_one_connection():
 
 def test_readme_lists_every_vocabulary_value():
     readme = (ROOT / "README.md").read_text()
-    for names in (vocab.CLOSE_TYPES, vocab.RST_KINDS, vocab.FINDING_KINDS, vocab.VANTAGES):
+    for names in (vocab.CLOSE_TYPES, vocab.RST_KINDS, vocab.FINDING_KINDS, vocab.VANTAGES,
+                  vocab.SKIP_REASONS):
         for name in names:
             assert f"`{name}`" in readme, name
 

@@ -15,40 +15,18 @@ from pathlib import Path
 import dpkt
 import pytest
 
+from pcapflow import vocab
+
 CORPUS = Path(__file__).resolve().parent.parent / "sample_pcaps"
 SCENARIOS = sorted(p.parent.name for p in CORPUS.glob("*/truth.json"))
 PCAPS = {"client": "client.pcap", "middle": "router.pcap", "server": "server.pcap"}
 
-CLOSE_TYPES = {
-    "four_way",
-    "three_way",
-    "simultaneous",
-    "reset",
-    "fin_then_reset",
-    "refused",
-    "unanswered",
-    "half_closed",
-    "closing",
-    "abandoned",
-    "open",
-}
-CLOSERS = {"client", "server", "both", "none"}
-STATES = {
-    "SYN_SENT",
-    "SYN_RECEIVED",
-    "ESTABLISHED",
-    "FIN_WAIT_1",
-    "FIN_WAIT_2",
-    "CLOSING",
-    "TIME_WAIT",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "CLOSED",
-    "UNKNOWN",
-}
-SS_STATES = STATES | {"LISTEN"}  # ss also lists the listening sockets
+CLOSE_TYPES = set(vocab.CLOSE_TYPES)
+CLOSERS = set(vocab.ACTIVE_CLOSERS)
+STATES = set(vocab.STATES) - {"LISTEN"}
+SS_STATES = set(vocab.STATES)  # ss also lists the listening sockets
 RST_BY = {"client", "server", "both", "none"}
-RST_KINDS = {"abort", "reply_to_closed", "refused", "keepalive_timeout", "other", None}
+RST_KINDS = set(vocab.RST_KINDS) | {None}
 TW_SIDES = {"client", "server", "both", "none"}
 EXPECT_KEYS = {
     "close_type",

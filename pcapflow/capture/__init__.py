@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ..safe import clean
-from .decode import LINK_LAYERS, SEGMENT_COLUMNS, SKIP_REASONS, Columns
+from ..vocab import SKIP_REASONS
+from .decode import LINK_LAYERS, SEGMENT_COLUMNS, Columns
 from .files import CaptureError, CaptureInfo, open_capture, records
 from .limits import CAP_REASONS, Limits
 

@@ -38,20 +38,6 @@ SEGMENT_COLUMNS: dict[str, str] = {
 }
 
 # Why a frame is no TCP segment: the keys of CaptureInfo.skipped (JSON `captures[].skipped`).
-SKIP_REASONS: dict[str, str] = {
-    "non_ip": "a link-layer frame carrying no IP (ARP, LLDP, ...)",
-    "non_tcp": "an IP datagram of another protocol (UDP, ICMP, ESP, ...)",
-    "fragment": "an IP fragment after the first (the TCP header is in the first)",
-    "truncated": "captured bytes end inside the TCP header (small snap length)",
-    "malformed": "IP or TCP header contradicting itself or the lengths around it "
-                 "(IHL < 5, data offset < 5 or past the datagram, extension chain overrun)",
-    "unsupported_link": "a frame of a link type pcapflow does not decode",
-    "no_interface": "a pcapng packet of an interface never described (no IDB for it)",
-    "bad_timestamp": "no timestamp (pcapng simple packet block) or one outside 1677-2262",
-    "segment_cap": "a TCP segment past the segment cap (capture/limits.py)",
-    "connection_cap": "a TCP segment of a 4-tuple past the connection cap (capture/limits.py)",
-    "filtered": "left out by --filter",
-}
 
 HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
                b"CONNECT ", b"TRACE ", b"HTTP/1.")
