@@ -27,7 +27,8 @@ client_fin_backoff server_fin_backoff fin_rto_estimate fin_backoff_exponential
 orphan_retries_estimate lost_waves losses rst_by rst_kind time_wait_side time_wait_start
 time_wait_end time_wait_restarts reused_4tuple reuse_gap_s reuse_check reuse_isn_signature
 half_close_bytes close_wait_s fin_wait2_s fin_wait2_timeout client_keepalives
-server_keepalives unanswered_keepalives teardown_s packets client_bytes server_bytes duplicates client_last_data_ts
+server_keepalives unanswered_keepalives teardown_s packets client_bytes server_bytes
+client_frame_bytes server_frame_bytes duplicates client_last_data_ts
 http_requests http_responses http_request_close http_response_close http10 http_cut
 zeek_conn_state zeek_history orig_pkts resp_pkts orig_bytes resp_bytes""".split()
 EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
@@ -212,6 +213,10 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     events += reuse_events
     dup = seg.groupby("conn")["dup"].sum()
     table["duplicates"] = table["conn_id"].map(dup).fillna(0).astype(int)
+    frames = seg.groupby(["conn", "dir"])["framelen"].sum().unstack(fill_value=0)
+    for d, side in enumerate(SIDE_NAMES):  # every captured frame, as tshark and Arkime count
+        col = frames[d] if d in frames else pd.Series(dtype="int64")
+        table[f"{side}_frame_bytes"] = table["conn_id"].map(col).fillna(0).astype(np.int64)
     table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
     ev = pd.DataFrame(events, columns=EVENT_COLUMNS).sort_values(["ts", "conn_id"], kind="stable",
                                                                  ignore_index=True)

@@ -93,13 +93,17 @@ def test_compressed_and_big_endian_copies_give_the_same_table(name):
 
 
 def test_vlan_and_qinq_tags_do_not_change_the_segments():
-    pd.testing.assert_frame_equal(read("vlan.pcap")[0], read("eth_us.pcap")[0])
+    tagged, plain = read("vlan.pcap")[0], read("eth_us.pcap")[0]
+    assert ((tagged["framelen"] - plain["framelen"]).isin([0, 4, 8])).all()  # no, one or two tags
+    pd.testing.assert_frame_equal(tagged.drop(columns="framelen"), plain.drop(columns="framelen"))
 
 
 @pytest.mark.parametrize("name", ["null.pcap", "loop.pcap"])
 def test_bsd_loopback_headers_give_the_raw_ip_table(name):
     raw = read("raw.pcap")[0]
-    pd.testing.assert_frame_equal(read(name)[0], raw)
+    seg = read(name)[0]
+    assert (seg["framelen"] - raw["framelen"] == 4).all()  # the 4-byte family header
+    pd.testing.assert_frame_equal(seg.drop(columns="framelen"), raw.drop(columns="framelen"))
     assert raw.ipver.tolist() == [4] * 10 + [6] * 10
     assert set(raw.src) == {"10.6.0.1", "10.6.0.2", "fd06::1", "fd06::2"}
 

@@ -63,7 +63,7 @@ def _read_one(stream, index: int, info: CaptureInfo, cols: Columns, progress) ->
             info.first_ts = rec.ts
         if info.last_ts is None or rec.ts > info.last_ts:
             info.last_ts = rec.ts
-        reason = cols.add(index, frame, rec.ts, rec.linktype, rec.data)
+        reason = cols.add(index, frame, rec.ts, rec.linktype, rec.data, rec.wirelen)
         if reason is not None:
             if reason in CAP_REASONS and reason not in info.skipped:
                 log.warning("warning: %s: %s", clean(info.path), cols.limits.message(reason))

@@ -25,6 +25,7 @@ SEGMENT_COLUMNS: dict[str, str] = {
     "seq": "int64", "ack": "int64",    # raw 32-bit values
     "flags": "int32",     # TCP flags byte plus NS (0x100)
     "win": "int32",       # raw window field (unscaled)
+    "framelen": "int32",  # the frame's length on the wire (as tshark's frame.len)
     "plen": "int32",      # TCP payload length on the wire (from IP lengths, not caplen);
                           # of a fragmented datagram, only the first fragment's share
     "ipid": "int32",      # IPv4 identification, -1 for IPv6
@@ -130,7 +131,8 @@ class Columns:
     def __len__(self) -> int:
         return len(self.cols["ts"])
 
-    def add(self, capture: int, frame: int, ts: float, linktype: int, data: bytes) -> str | None:
+    def add(self, capture: int, frame: int, ts: float, linktype: int, data: bytes,
+            framelen: int) -> str | None:
         """Decode one frame and append it; return a skip reason instead when it is no TCP segment."""
         beyond = max(len(data) - DECODE_BYTES, 0)
         data = data[:DECODE_BYTES]
@@ -213,6 +215,7 @@ class Columns:
         c["ack"].append(seg.ack)
         c["flags"].append(seg.flags & 0x1FF)
         c["win"].append(seg.win)
+        c["framelen"].append(min(framelen, 0x7FFFFFFF))
         c["plen"].append(plen)
         c["ipid"].append(ipid)
         c["ttl"].append(ttl)
