@@ -24,6 +24,7 @@ import dpkt
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "sample_pcaps" / "http_pileup" / "server.pcap"
+BARE_LOOP = "import dpkt, sys\nfor _ in dpkt.pcap.Reader(open(sys.argv[1], 'rb')): pass"
 
 
 def build(path: Path, copies: int) -> int:
@@ -76,8 +77,7 @@ def main() -> int:
     tools = {
         "pcapflow analyze (json)": [py, "-m", "pcapflow", "analyze", str(path), "--format", "json",
                                     "-o", str(tmp / "out.json"), "--no-progress"],
-        "dpkt bare loop": [py, "-c", "import dpkt,sys\nfor _ in dpkt.pcap.Reader(open(sys.argv[1],'rb')):"
-                           " pass", str(path)],
+        "dpkt bare loop": [py, "-c", BARE_LOOP, str(path)],
         "tshark -q -z conv,tcp": ["tshark", "-q", "-n", "-r", str(path), "-z", "conv,tcp"],
         "tcptrace -n -l": ["tcptrace", "-n", "-l", str(path)],
     }
