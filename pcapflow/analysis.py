@@ -167,8 +167,12 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
             filter: str | None = None,
-            progress: Callable[[int], None] | None = None) -> Analysis:
-    """Analyze captures (a path, '-', an open binary file, or a list of them) as one timeline."""
+            progress: Callable[[int], None] | None = None,
+            analysis_progress: Callable[[int, int], None] | None = None) -> Analysis:
+    """Analyze captures (a path, '-', an open binary file, or a list of them) as one timeline.
+
+    `progress(bytes)` follows the reading, `analysis_progress(done, total)` the connections.
+    """
     segments, captures = read_captures(sources, progress=progress)
     if filter:
         from .bpf import parse
@@ -177,11 +181,13 @@ def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
             captures[index].skipped["filtered"] = int(n)  # counted, like every skipped packet
             captures[index].tcp_packets -= int(n)
         segments = segments[keep].reset_index(drop=True)
-    return build(segments, captures, Params(msl=msl, fin_timeout=fin_timeout))
+    return build(segments, captures, Params(msl=msl, fin_timeout=fin_timeout),
+                 progress=analysis_progress)
 
 
 def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
-          capture_end: float | None = None) -> Analysis:
+          capture_end: float | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Analysis:
     """Connections and events from a segment table (the part of `analyze` after reading).
 
     `capture_end` is when the whole timeline ends (default: its last packet); a caller that
@@ -198,7 +204,9 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     vantages = _vantages(conns, flows)
     inferred = conns.set_index("conn_id")["roles_inferred"]
     rows, events, endpoints = [], [], {}
-    for cid, flow in flows.items():
+    for n, (cid, flow) in enumerate(flows.items(), 1):
+        if progress is not None and (n % 2000 == 0 or n == len(flows)):
+            progress(n, len(flows))
         v = vantages[cid]
         res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
         rows.append({"conn_id": cid, "first_ts": float(flow.ts[0]), "last_ts": float(flow.ts[-1]),

@@ -23,26 +23,40 @@ class InputError(click.ClickException):
 
 
 class Progress:
-    """Packets read so far, on stderr, when it is a terminal."""
+    """Progress bars on stderr, when it is a terminal: over the input files' bytes while
+    reading, then over the connections while reconstructing them."""
 
-    def __init__(self, enabled: bool | None):
+    def __init__(self, enabled: bool | None, captures):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.count = 0
+        self.total = sum(os.path.getsize(c) for c in captures if c != "-" and os.path.isfile(c))
+        self.bar = None
 
-    def __call__(self, n: int) -> None:
-        self.count += n
-        click.echo(f"\rreading: {self.count:,} packets", nl=False, err=True)
+    def _start(self, label: str, length: int):
+        self.done()
+        self.bar = click.progressbar(length=max(length, 1), label=label, file=sys.stderr)
+
+    def reading(self, n: int) -> None:
+        if self.bar is None:
+            self._start("reading   ", self.total)
+        self.bar.update(n)
+
+    def analyzing(self, done: int, total: int) -> None:
+        if self.bar is None or self.bar.label != "analyzing ":
+            self._start("analyzing ", total)
+        self.bar.update(done - self.bar.pos)
 
     def done(self) -> None:
-        if self.enabled and self.count:
-            click.echo("\r" + " " * 40 + "\r", nl=False, err=True)
+        if self.bar is not None:
+            self.bar.render_finish()
+            self.bar = None
 
 
 def run_analysis(captures, progress, **kw) -> Analysis:
     """analyze() with user errors turned into one line and exit 2, warnings on stderr."""
-    bar = Progress(progress)
+    bar = Progress(progress, captures)
     try:
-        a = analyze(list(captures), progress=bar if bar.enabled else None, **kw)
+        a = analyze(list(captures), progress=bar.reading if bar.enabled else None,
+                    analysis_progress=bar.analyzing if bar.enabled else None, **kw)
     except (CaptureError, FilterError) as e:
         raise InputError(clean(e)) from None
     finally:

@@ -151,3 +151,27 @@ def test_corrupt_gzip_is_a_one_line_error(tmp_path):
     r = pcapflow("analyze", bad)
     assert r.returncode == 2 and "compressed stream broken" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_progress_bars_on_a_terminal_only():
+    import os
+    import pty
+    leader, follower = pty.openpty()
+    out = SAMPLE / "http_pileup" / "server.pcap"
+    p = subprocess.run([sys.executable, "-m", "pcapflow", "analyze", out, "--format", "csv"],
+                       stdout=subprocess.PIPE, stderr=follower, cwd=ROOT, timeout=120)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert p.returncode == 0
+    assert b"reading" in shown and b"analyzing" in shown and b"100%" in shown
+    quiet = pcapflow("analyze", out, "--format", "csv")
+    assert quiet.stderr == ""  # not a terminal: no bar

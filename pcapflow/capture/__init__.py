@@ -31,7 +31,8 @@ def read_captures(sources: Source | Iterable[Source],
                   ) -> tuple[pd.DataFrame, list[CaptureInfo]]:
     """Read captures into one segment table sorted by time (rotated files become one timeline).
 
-    `progress`, if given, is called now and then with the number of frames read since the last call.
+    `progress`, if given, is called now and then with the number of input bytes (as stored,
+    compressed or not) consumed since the last call.
     Raises CaptureError for an input that is not a readable capture; a capture cut short
     mid-record is read up to the cut and reported in `CaptureInfo.truncated`. `limits`
     (default: Limits.from_env()) caps the segments kept; a cap hit is logged as a warning.
@@ -50,12 +51,13 @@ def read_captures(sources: Source | Iterable[Source],
 
 def _read_one(stream, index: int, info: CaptureInfo, cols: Columns, progress) -> None:
     before = len(cols)
-    frame = 0
+    frame = done = 0
     for rec in records(stream, info, LINK_LAYERS):
         frame += 1
         info.packets += 1
         if progress is not None and frame % 20000 == 0:
-            progress(20000)
+            done, step = _position(stream, done)
+            progress(step)
         if not abs(rec.ts) < MAX_ABS_TS:  # NaN too
             info.skip("bad_timestamp")
             continue
@@ -69,8 +71,17 @@ def _read_one(stream, index: int, info: CaptureInfo, cols: Columns, progress) ->
                 log.warning("warning: %s: %s", clean(info.path), cols.limits.message(reason))
             info.skip(reason)
     if progress is not None:
-        progress(frame % 20000)
+        progress(_position(stream, done)[1])
     info.tcp_packets = len(cols) - before
+
+
+def _position(stream, done: int) -> tuple[int, int]:
+    """(bytes of the stored input consumed so far, bytes since `done`)."""
+    try:
+        now = stream.raw_position()
+    except (OSError, ValueError):  # a pipe or a closed stream cannot tell
+        return done, 0
+    return now, max(now - done, 0)
 
 
 def _to_frame(cols: Columns) -> pd.DataFrame:

@@ -102,7 +102,8 @@ class _Borrowed(io.RawIOBase):
 def open_capture(path: str | os.PathLike | BinaryIO) -> Iterator[tuple[BinaryIO, str, str | None]]:
     """Open a path, '-' (stdin) or a binary file; undo compression recognised by magic bytes.
 
-    Yields (stream, display name, compression or None); closes only what it opened.
+    Yields (stream, display name, compression or None); closes only what it opened. The
+    stream's `raw_position()` tells how far into the (compressed) input reading has come.
     """
     with ExitStack() as opened:
         if hasattr(path, "read"):
@@ -125,8 +126,11 @@ def open_capture(path: str | os.PathLike | BinaryIO) -> Iterator[tuple[BinaryIO,
         for magic, (kind, opener) in COMPRESSION_MAGICS.items():
             if head.startswith(magic):
                 inner = _open_zstd(raw, name) if opener is None else opener(raw)
-                yield opened.enter_context(io.BufferedReader(inner, 1 << 16)), name, kind
+                stream = opened.enter_context(io.BufferedReader(inner, 1 << 16))
+                stream.raw_position = raw.tell
+                yield stream, name, kind
                 return
+        raw.raw_position = raw.tell
         yield raw, name, None
 
 
