@@ -276,14 +276,19 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
     table["_key"] = np.where(a < b, a + "/" + b, b + "/" + a)  # whichever side is client
     pairs = table.sort_values(["_key", "incarnation"], kind="stable")
     same = pairs["_key"].to_numpy()[1:] == pairs["_key"].to_numpy()[:-1]
-    olds = pairs.iloc[:-1][same & pairs["time_wait_start"].iloc[:-1].notna().to_numpy()]
-    news = pairs.iloc[1:][same & pairs["time_wait_start"].iloc[:-1].notna().to_numpy()]
     updates, events = {}, []
-    for old, new in zip(olds.itertuples(), news.itertuples()):
+    for old, new in zip(pairs.iloc[:-1][same].itertuples(), pairs.iloc[1:][same].itertuples()):
         fnew = flows[new.conn_id]
         syn = np.flatnonzero((fnew.flags & 0x12) == 0x02)
         t = float(fnew.ts[syn[0]]) if len(syn) else None
-        if t is None or t >= old.time_wait_end:
+        if t is None:
+            continue
+        reset = _old_reset_by_new_syn(flows[old.conn_id], t)
+        if reset is not None:  # RFC 9293 3.10.7.4: the old socket answered the SYN with an ACK
+            events.append((new.conn_id, t, "client", "SYN", "SYN_SENT", "SYN_SENT",
+                           (f"met connection {old.conn_id} still alive on the peer: its ACK "
+                           f"answered, the client reset it at +{reset - t:.3f} s, SYN retried")))
+        if pd.isna(old.time_wait_start) or t >= old.time_wait_end:
             continue
         gap = round(t - old.time_wait_start, 6)
         check, signature = _reuse_check(flows[old.conn_id], fnew, old, new, syn[0])
@@ -309,6 +314,18 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
         if col in fields:
             table[col] = fields[col].reindex(table.index).combine_first(table[col])
     return table, events
+
+
+def _old_reset_by_new_syn(fold: Flow, t: float) -> float | None:
+    """When the client reset the old connection after the peer answered the new SYN (at t)
+    with an ACK of the old one, else None."""
+    later = fold.ts >= t
+    answered = later & (fold.d == 1) & ((fold.flags & 0x16) == 0x10)
+    if not answered.any():
+        return None
+    after = fold.ts >= fold.ts[np.argmax(answered)]
+    rst = np.flatnonzero(after & (fold.d == 0) & ((fold.flags & 0x04) != 0))
+    return float(fold.ts[rst[0]]) if len(rst) else None
 
 
 def _reuse_check(fold: Flow, fnew: Flow, old, new, k: int) -> tuple[str, bool]:

@@ -339,7 +339,9 @@ def test_syn_old_ack_rst_syn_keeps_two_incarnations():
     assert len(a.connections) == 2
     old, new = row(a, 0), row(a, 1)
     assert (old.close_type, old.rst_by, old.server_state_end) == ("fin_then_reset", "client", "CLOSED")
-    assert new.packets == 3 and new.handshake == "partial"
+    assert new.packets == 3 and new.handshake == "partial" and not new.reused_4tuple
+    met = a.events[(a.events["conn_id"] == 1) & a.events["detail"].str.startswith("met connection 0")]
+    assert len(met) == 1 and "+0.021 s" in met["detail"].iloc[0]
 
 
 def test_retransmitted_fin_and_final_ack_never_open_a_new_connection():
