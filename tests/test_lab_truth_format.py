@@ -211,3 +211,35 @@ def test_postmortem_aggregate():
     assert all(c["expect"]["server_state_end"] == "CLOSE_WAIT" for c in leaks)
     size = sum((CORPUS / "postmortem" / f).stat().st_size for f in PCAPS.values())
     assert size < 1_000_000 and t["capture"]["stop"] - t["capture"]["start"] < 20
+
+
+def test_syn_meets_close_wait():
+    """A new SYN on the 4-tuple of a server CLOSE_WAIT: the old socket ACKs the old FIN, the
+    client resets it (bare RST, seq = that ACK's ack) and re-sends the same SYN, which opens
+    the second incarnation; the first ends fin_then_reset, CLOSED on both sides."""
+    t = load("syn_meets_close_wait")
+    old, new = t["connections"]
+    assert (old["incarnation"], new["incarnation"]) == (0, 1)
+    assert old["client_port"] == new["client_port"]
+    e = old["expect"]
+    assert e["close_type"] == "fin_then_reset" and e["active_closer"] == "client"
+    assert (e["rst_by"], e["rst_kind"]) == ("client", "reply_to_closed")
+    assert e["client_state_end"] == e["server_state_end"] == "CLOSED"
+    assert new["expect"]["close_type"] == "four_way" and not new["expect"]["reused_4tuple"]
+    # ss: the orphan expired (no TIME_WAIT) while the server held CLOSE_WAIT; after the
+    # reconnect the server holds only the new connection.
+    before, after = t["ss_during"][1], t["ss_during"][2]
+    assert not before["client"]
+    assert [r["state"] for r in before["server"] if r["state"] != "LISTEN"] == ["CLOSE_WAIT"]
+    assert [r["state"] for r in after["server"] if r["state"] != "LISTEN"] == ["ESTABLISHED"]
+    ip = t["hosts"]["client"]["ip"]
+    for pcap in PCAPS.values():
+        segs = list(tcp_packets(CORPUS / "syn_meets_close_wait" / pcap))
+        syn = [tcp for src, tcp in segs if src == ip and tcp.flags & 0x12 == dpkt.tcp.TH_SYN]
+        fin = next(tcp for src, tcp in segs if src == ip and tcp.flags & dpkt.tcp.TH_FIN)
+        assert len({s.seq for s in syn}) == 2 and [s.seq for s in syn].count(syn[-1].seq) == 2
+        i = next(k for k, (src, tcp) in enumerate(segs) if tcp is syn[1])
+        (_, reply), (_, rst), (_, retry) = segs[i + 1 : i + 4]
+        assert reply.flags == dpkt.tcp.TH_ACK and reply.ack == (fin.seq + 1) % 2**32
+        assert rst.flags == dpkt.tcp.TH_RST and rst.seq == reply.ack
+        assert retry is syn[2]

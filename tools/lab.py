@@ -286,6 +286,9 @@ class Scenario:
     invisible: dict[str, list[str]] = field(default_factory=dict)  # vantage -> facts
     aggregate: bool = False
     fin_times: str | None = None  # record this side's FIN transmission times in notes
+    # After the run: measure the captures beyond the per-connection facts (notes, checks);
+    # gets the Run and {vantage: segments}, returns problems (lab_check mismatches).
+    measure: Callable[[Run, dict[str, list]], list[str]] | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -314,6 +317,7 @@ class Run:
         self.fault_times: dict[str, float] = {}
         self.snapshots: list[dict] = []  # extra ss snapshots taken during the scenario
         self.notes: dict[str, object] = {}  # scenario facts worth keeping (e.g. aggregate knobs)
+        self.problems: list[str] = []  # differences from the design found during the run
 
     def spawn(self, side: str, *args: str) -> subprocess.Popen:
         proc = subprocess.Popen(
@@ -499,14 +503,17 @@ def build_truth(
     events: list[dict],
 ) -> dict:
     """Merge the design with what the kernel did (ss, counters) and the captures show."""
-    measured = {}
+    measured, segments = {}, {}
     for vantage, (_, _, path) in caps.specs.items():
+        segments[vantage] = lab_pcap.read_segments(str(path))
         measured[vantage] = {
             (f.client_port, f.server_port, f.incarnation): lab_pcap.facts(f)
-            for f in lab_pcap.flows(lab_pcap.read_segments(str(path)), run.client_ip)
+            for f in lab_pcap.flows(segments[vantage], run.client_ip)
         }
     keys = list(measured["middle"])  # every segment sent crosses the router ingress
-    mismatches = []
+    mismatches = list(run.problems)
+    if sc.measure:
+        mismatches += sc.measure(run, segments)
     if len(keys) != len(designed):
         mismatches.append(f"{len(keys)} connections captured, {len(designed)} designed")
     by_port = {d["client_port"]: d for d in designed if "client_port" in d}
@@ -1006,6 +1013,143 @@ def tw_reuse_ephemeral(run: Run) -> list[dict]:
         "sleep 0.5",
     )
     return [conn(), conn(client_state_end="TIME_WAIT", reused_4tuple=True)]
+
+
+CW_PORT = 40003  # syn_meets_close_wait's fixed client port
+
+
+def measure_syn_meets_close_wait(run: Run, segments: dict[str, list]) -> list[str]:
+    """The SYN -> old ACK -> RST -> SYN retry exchange, checked and timed in each capture.
+
+    The retry is not the 1 s initial RTO: a SYN_SENT socket that receives an unacceptable
+    ACK re-arms its SYN timer to TCP_TIMEOUT_MIN (2 jiffies; tcp_rcv_synsent_state_process).
+    """
+    problems = []
+    syn, ack_ = lab_pcap.SYN, lab_pcap.ACK
+    for vantage, segs in segments.items():
+        mine = [s for s in segs if CW_PORT in (s.sport, s.dport)]
+        out = [s for s in mine if s.src == run.client_ip]
+        back = [s for s in mine if s.src != run.client_ip]
+        syns = [s for s in out if s.flags & (syn | ack_) == syn]
+        isns = list(dict.fromkeys(s.seq for s in syns))
+        if len(isns) != 2:
+            problems.append(f"{vantage}: {len(isns)} client ISNs on port {CW_PORT}, designed 2")
+            continue
+        new = [s for s in syns if s.seq == isns[1]]
+        fins = [s for s in out if s.flags & lab_pcap.FIN and s.ts < new[0].ts]
+        old_end = (fins[0].seq + 1) % 2**32 if fins else None
+        # The server's answer to the new SYN: an ACK of the old connection (of the old FIN).
+        reply = next((s for s in back if s.ts >= new[0].ts), None)
+        rst = next((s for s in out if s.flags & lab_pcap.RST), None)
+        synack = next(
+            (s for s in back if s.flags & (syn | ack_) == syn | ack_ and s.ts > new[0].ts), None
+        )
+        if reply is None or reply.flags != ack_ or reply.ack != old_end:
+            problems.append(f"{vantage}: the new SYN was not answered by an ACK of the old FIN")
+            continue
+        if rst is None or rst.flags & ack_ or rst.seq != reply.ack or rst.ts < reply.ts:
+            problems.append(f"{vantage}: no bare client RST with seq = that ACK's ack")
+            continue
+        if len(new) != 2 or synack is None or synack.ack != (isns[1] + 1) % 2**32:
+            problems.append(
+                f"{vantage}: {len(new)} SYNs with the new ISN, designed 2 (then SYN+ACK)"
+            )
+            continue
+        t0 = new[0].ts
+        run.notes.setdefault("exchange", {})[vantage] = {
+            "new_syn_at": t0,
+            "old_ack_after": round(reply.ts - t0, 6),
+            "client_rst_after": round(rst.ts - t0, 6),
+            "syn_retry_after": round(new[1].ts - t0, 6),
+            "syn_ack_after": round(synack.ts - t0, 6),
+            "new_isn_minus_old_isn": (isns[1] - isns[0]) % 2**32,
+            "_old_fin_end": old_end,
+        }
+    client = run.notes.get("exchange", {}).get("client")
+    if client:
+        # The orphan's FIN_WAIT_2 began when the server's ACK of its FIN arrived (client.pcap);
+        # ss was polled every 50 ms until the socket was gone.
+        fin_end = client.pop("_old_fin_end")
+        gone = run.notes["client_socket_gone_at"]
+        acked = [
+            s.ts
+            for s in segments["client"]
+            if s.src != run.client_ip and s.dport == CW_PORT and s.flags & ack_ and s.ack == fin_end
+        ]
+        if not acked or not acked[0] < gone < client["new_syn_at"]:
+            problems.append("client: no ACK of the client's FIN before its orphan expired")
+        else:
+            run.notes["fin_wait2_entered_at"] = acked[0]
+            run.notes["fin_wait2_lifetime_s"] = round(gone - acked[0], 3)
+            run.notes["reconnect_after_gone_s"] = round(client["new_syn_at"] - gone, 3)
+    for view in run.notes.get("exchange", {}).values():
+        view.pop("_old_fin_end", None)
+    return problems
+
+
+@scenario(
+    "The client, bound to source port 40003, closes first and the server never closes "
+    "(CLOSE_WAIT); the client's orphaned FIN_WAIT_2 expires (tcp_fin_timeout=2) and it "
+    "connects again from the same port: the server's CLOSE_WAIT answers the SYN with an ACK "
+    "of the old connection, the client answers that with a bare RST (the CLOSE_WAIT is gone) "
+    "and re-sends its SYN about 10 ms later, which succeeds; then a four-way close, client "
+    "first.",
+    sysctls={"client": {"net.ipv4.tcp_fin_timeout": "2"}},
+    measure=measure_syn_meets_close_wait,
+)
+def syn_meets_close_wait(run: Run) -> list[dict]:
+    # The server keeps the first socket open forever (never close()d, CLOSE_WAIT) and
+    # accepts the second connection; "hang" keeps both fds until the lab kills it.
+    run.server(*EXCHANGE_S, "recv_eof", *EXCHANGE_S, "recv_eof", "sleep 0.3", "close", "hang")
+    client = run.client(
+        run.connect(CW_PORT),
+        *EXCHANGE_C,
+        "close",
+        f"touch {run.file('closed')}",
+        f"wait {run.file('reconnect')}",
+        run.connect(CW_PORT),
+        *EXCHANGE_C,
+        f"touch {run.file('second')}",
+        f"wait {run.file('close2')}",
+        "close",
+        "sleep 0.5",
+        wait=False,
+    )
+    run.wait_file("closed")
+    run.notes["client_closed_at"] = time.time()
+    time.sleep(0.2)
+    run.snapshot("client orphaned FIN_WAIT_2 with its tcp_fin_timeout timer, server CLOSE_WAIT")
+    run.notes["client_socket_gone_at"] = run.ss_gone("client", timeout=10)
+    cli, srv = endpoint(run.client_ip, CW_PORT), endpoint(run.server_ip, PORT)
+    run.snapshot("client orphan expired (not TIME_WAIT), server still CLOSE_WAIT")
+    before = [
+        r["state"] for r in run.snapshots[-1]["server"] if (r["local"], r["peer"]) == (srv, cli)
+    ]
+    if before != ["CLOSE_WAIT"]:
+        run.problems.append(f"server socket before the new SYN: {before}, designed CLOSE_WAIT")
+    run.file_touch("reconnect")
+    run.wait_file("second")
+    run.snapshot("second connection established; the old CLOSE_WAIT is gone")
+    after = [
+        r["state"] for r in run.snapshots[-1]["server"] if (r["local"], r["peer"]) == (srv, cli)
+    ]
+    if after != ["ESTABLISHED"] or any(
+        r["state"] == "CLOSE_WAIT" for r in run.snapshots[-1]["server"]
+    ):
+        run.problems.append(
+            f"server sockets after the reconnect: {after}, designed ESTABLISHED only"
+        )
+    run.file_touch("close2")
+    run.wait(client)
+    return [
+        conn(
+            close_type="fin_then_reset",
+            rst_by="client",
+            rst_kind="reply_to_closed",
+            time_wait_side="none",
+        ),
+        conn(client_state_end="TIME_WAIT"),
+    ]
 
 
 @scenario(

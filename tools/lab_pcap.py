@@ -70,27 +70,67 @@ class Flow:
     incarnation: int
     segs: dict[str, list[Segment]] = field(default_factory=lambda: {"client": [], "server": []})
     order: list[tuple[str, Segment]] = field(default_factory=list)
+    isn: int | None = None  # the client's SYN sequence number (None: no SYN seen)
+    nxt: dict[str, int] = field(default_factory=dict)  # per side: highest sequence end sent
 
     def add(self, side: str, seg: Segment) -> None:
         self.segs[side].append(seg)
         self.order.append((side, seg))
+        end = (seg.seq + seg.payload + bool(seg.flags & (SYN | FIN))) % 2**32
+        if side not in self.nxt or seq_ge(end, self.nxt[side]):
+            self.nxt[side] = end
+
+    def misfit(self, side: str, seg: Segment) -> int:
+        """How far a segment's seq (and ack) lie from this incarnation's sequence spaces."""
+        cost = seq_dist(seg.seq, self.nxt[side]) if side in self.nxt else UNKNOWN_SPACE
+        if seg.flags & ACK:
+            peer = other(side)
+            cost += seq_dist(seg.ack, self.nxt[peer]) if peer in self.nxt else UNKNOWN_SPACE
+        return cost
+
+
+UNKNOWN_SPACE = 1 << 16  # cost of a sequence space not seen yet (a new server before its SYN+ACK)
 
 
 def flows(segs: list[Segment], client_ip: str) -> list[Flow]:
-    """Group segments by 4-tuple; a SYN with a new sequence number opens a new incarnation."""
-    current: dict[tuple[int, int], Flow] = {}
-    isn: dict[tuple[int, int], int] = {}
+    """Group segments by 4-tuple into incarnations, in order of first packet.
+
+    A SYN whose sequence number is new for its 4-tuple opens an incarnation; a re-sent SYN
+    (same ISN) belongs to the incarnation it opened. A SYN+ACK belongs to the incarnation
+    whose SYN it acknowledges; every other segment to the incarnation whose sequence spaces
+    its seq and ack fit best (the latest on a tie). So when a new SYN meets a peer still in
+    CLOSE_WAIT, the ACK the old socket answers with and the client's RST to that ACK stay
+    with the old connection, and the SYN re-sent after them opens nothing new.
+    """
+    incs: dict[tuple[int, int], list[Flow]] = {}
     result: list[Flow] = []
     for seg in segs:
         side = "client" if seg.src == client_ip else "server"
         key = (seg.sport, seg.dport) if side == "client" else (seg.dport, seg.sport)
-        is_syn = seg.flags & (SYN | ACK) == SYN
-        if key not in current or (is_syn and isn.get(key) != seg.seq):
-            prev = current.get(key)
-            current[key] = Flow(key[0], key[1], prev.incarnation + 1 if prev else 0)
-            result.append(current[key])
-            isn[key] = seg.seq
-        current[key].add(side, seg)
+        known = incs.setdefault(key, [])
+        flow = None
+        if seg.flags & (SYN | ACK) == SYN:
+            flow = next((f for f in known if f.isn == seg.seq), None)
+            if flow is None:
+                flow = Flow(key[0], key[1], len(known), isn=seg.seq)
+                known.append(flow)
+                result.append(flow)
+        elif not known:
+            flow = Flow(key[0], key[1], 0)
+            known.append(flow)
+            result.append(flow)
+        elif seg.flags & (SYN | ACK) == SYN | ACK:
+            flow = next(
+                (
+                    f
+                    for f in reversed(known)
+                    if f.isn is not None and seg.ack == (f.isn + 1) % 2**32
+                ),
+                None,
+            )
+        if flow is None:
+            flow = min(reversed(known), key=lambda f: f.misfit(side, seg))
+        flow.add(side, seg)
     return result
 
 
@@ -178,6 +218,12 @@ def keepalives(flow: Flow, side: str) -> int:
         end = seg.seq + seg.payload + bool(seg.flags & (SYN | FIN))
         nxt = end % 2**32 if nxt is None or seq_ge(end % 2**32, nxt) else nxt
     return count
+
+
+def seq_dist(a: int, b: int) -> int:
+    """Distance between two sequence numbers, either way round the 32-bit space."""
+    d = (a - b) % 2**32
+    return min(d, 2**32 - d)
 
 
 def seq_ge(a: int, b: int) -> bool:
