@@ -421,3 +421,16 @@ def test_server_data_before_the_handshake_ack_still_completes_the_handshake():
     r = row(s.analyze())
     assert (r.handshake, r.client_state_end, r.server_state_end) == ("complete", "CLOSED", "TIME_WAIT")
     assert r.close_wait_s == pytest.approx(0.01, abs=0.011)
+
+
+def test_zero_window_probes_are_not_keepalives():
+    s = Script()
+    s.handshake()
+    s.send("c", "PA", 0.1, plen=1000)
+    s.send("s", "A", 0.12, win=0)                    # the server's receive window is full
+    probe_seq = s.nxt["c"] - 1
+    for t in (0.5, 1.0, 2.0):                        # Linux probes a zero window with seq = una - 1
+        s.send("c", "A", t, seq=probe_seq)
+        s.send("s", "A", t + 0.02, win=0)
+    r = row(s.analyze())
+    assert (r.client_keepalives, r.server_keepalives) == (0, 0)

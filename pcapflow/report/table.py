@@ -60,9 +60,13 @@ def render(a, width: int | None = None, max_rows: int = 200) -> str:
         ends = f"{clean(r.client_ip)}:{r.client_port} > {clean(r.server_ip)}:{r.server_port}"
         line = (f"{r.conn_id:>5} {ends[:38]:<38} {r.close_type:<14} {r.active_closer:<6} "
                 f"{STATE_SHORT[r.client_state_end]:<10} {STATE_SHORT[r.server_state_end]:<10} ")
-        notes = textwrap.wrap(anomalies(r), max(width - len(line), 20)) or [""]
-        lines.append(line + notes[0])
-        lines += [" " * 6 + "notes: " + n for n in notes[1:]]
+        notes = anomalies(r)
+        if len(line) + len(notes) <= width:
+            lines.append((line + notes).rstrip())
+        else:  # on their own lines below
+            lines.append(line.rstrip())
+            lines += textwrap.wrap(notes, width, initial_indent=" " * 6 + "notes: ",
+                                   subsequent_indent=" " * 13)
     if len(c) > max_rows:
         lines.append(f"... {len(c) - max_rows} more (use --format csv/json for all)")
     lines.append("")
