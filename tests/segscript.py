@@ -44,7 +44,7 @@ class Script:
         row = {"capture": 0, "frame": len(self.rows) + 1, "ts": self.t0 + t, "ipver": 4,
                "src": src, "dst": dst, "sport": sport, "dport": dport, "seq": seq, "ack": ack % MOD,
                "flags": bits, "win": win, "framelen": 54 + plen, "plen": plen, "ipid": ipid, "ttl": ttl, "mss": -1,
-               "wscale": -1, "sackok": False, "nsack": int(dsack), "dsack": dsack,
+               "wscale": -1, "sackok": False, "nsack": int(dsack), "sack": None, "dsack": dsack,
                "tsval": tsval, "tsecr": -1, "http": http}
         self.rows.append(row)
         return row

@@ -276,3 +276,15 @@ def test_corpus_counts_match_tshark(path):
     assert info.truncated is None
     assert info.packets == len(protocols) == info.tcp_packets + sum(info.skipped.values())
     assert info.tcp_packets == len(segments) == tshark_tcp - TUNNELLED_TCP.get(name, (0, ""))[0]
+
+
+def test_sack_blocks_are_kept_and_dsack_recognised():
+    """The lab's lost_wave2: the server answers the re-sent FIN with a D-SACK of the FIN."""
+    seg, _ = read_captures(str(DATA.parent.parent / "sample_pcaps" / "lost_wave2" / "client.pcap"))
+    sacked = seg[seg["nsack"] > 0]
+    assert len(sacked) == 1 and bool(sacked["dsack"].iloc[0])
+    ((left, right),) = sacked["sack"].iloc[0]
+    fin = seg[(seg["flags"] & 1) == 1].iloc[0]
+    assert (left, right) == ((fin.seq + fin.plen) % 2**32, (fin.seq + fin.plen + 1) % 2**32)
+    assert right == sacked["ack"].iloc[0]  # below the cumulative ACK: a duplicate (RFC 2883)
+    assert seg.loc[seg["nsack"] == 0, "sack"].isna().all()

@@ -33,6 +33,7 @@ SEGMENT_COLUMNS: dict[str, str] = {
     "mss": "int32", "wscale": "int16",  # -1 when absent
     "sackok": "bool",
     "nsack": "int8",      # SACK blocks carried
+    "sack": "object",     # their (left, right) edges as a tuple of pairs, None without SACK
     "dsack": "bool",      # first SACK block reports a duplicate (RFC 2883)
     "tsval": "int64", "tsecr": "int64",  # -1 when absent
     "http": "object",     # first line(s) of an HTTP/1.x message starting this payload, else None
@@ -171,6 +172,7 @@ class Columns:
         mss = wscale = tsval = tsecr = -1
         sackok = dsack = False
         nsack = 0
+        sack = None
         if seg.opts:
             # dpkt ends the list with None at an option cut short: keep the options before it
             opts = [o for o in tcp.parse_opts(seg.opts) if o is not None]
@@ -180,6 +182,7 @@ class Columns:
                 elif kind == tcp.TCP_OPT_SACK and len(val) >= 8:
                     blocks = struct.unpack(f">{len(val) // 8 * 2}I", val[: len(val) // 8 * 8])
                     nsack = len(blocks) // 2
+                    sack = tuple(zip(blocks[::2], blocks[1::2]))
                     left, right = blocks[0], blocks[1]
                     # RFC 2883: a D-SACK block lies below the cumulative ACK or inside the 2nd block
                     dsack = ((seg.ack - right) & 0xFFFFFFFF) < 0x80000000 or (
@@ -223,6 +226,7 @@ class Columns:
         c["wscale"].append(wscale)
         c["sackok"].append(sackok)
         c["nsack"].append(nsack)
+        c["sack"].append(sack)
         c["dsack"].append(dsack)
         c["tsval"].append(tsval)
         c["tsecr"].append(tsecr)
