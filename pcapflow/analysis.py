@@ -74,12 +74,10 @@ class Analysis:
         """
         t = self.capture_end if at is None else at
         rows = []
-        for cid, (c_ep, s_ep) in self._endpoints.items():
-            conn = self.connections.loc[cid]
-            for ep, ip in ((c_ep, conn.client_ip), (s_ep, conn.server_ip)):
-                st = ep.state_at(t) if t is not None else None
-                if st is not None and st not in ("CLOSED", "LISTEN"):
-                    rows.append((ip, st))
+        for ep, ip in self._sockets():
+            st = ep.state_at(t) if t is not None else None
+            if st is not None and st not in ("CLOSED", "LISTEN"):
+                rows.append((ip, st))
         df = pd.DataFrame(rows, columns=["host", "state"])
         if host is not None:
             df = df[df["host"] == host]
@@ -98,19 +96,25 @@ class Analysis:
         secs = np.append(secs, self.capture_end)  # the last row is the capture's end
         grid = pd.to_datetime(secs, unit="s", utc=True)
         counts: dict[str, np.ndarray] = {}
-        for cid, (c_ep, s_ep) in self._endpoints.items():
-            conn = self.connections.loc[cid]
-            for ep, ip in ((c_ep, conn.client_ip), (s_ep, conn.server_ip)):
-                if host is not None and ip != host:
+        for ep, ip in self._sockets():
+            if host is not None and ip != host:
+                continue
+            for k, st in enumerate(ep.states):
+                if st in ("CLOSED", "LISTEN"):
                     continue
-                for k, st in enumerate(ep.states):
-                    if st in ("CLOSED", "LISTEN"):
-                        continue
-                    until = ep.times[k + 1] if k + 1 < len(ep.times) else math.inf
-                    live = (secs >= ep.times[k]) & (secs < until)
-                    counts.setdefault(st, np.zeros(len(secs), dtype=np.int64))
-                    counts[st] += live
+                until = ep.times[k + 1] if k + 1 < len(ep.times) else math.inf
+                live = (secs >= ep.times[k]) & (secs < until)
+                counts.setdefault(st, np.zeros(len(secs), dtype=np.int64))
+                counts[st] += live
         return pd.DataFrame(counts, index=grid)
+
+    def _sockets(self):
+        """Every (Endpoint, host ip): each connection once on its client and on its server."""
+        c = self.connections
+        for cid, client_ip, server_ip in zip(c["conn_id"], c["client_ip"], c["server_ip"]):
+            client, server = self._endpoints[cid]
+            yield client, client_ip
+            yield server, server_ip
 
     def endpoint(self, conn_id: int):
         """(client, server) tcpstate.Endpoint of one connection: its state history."""
