@@ -173,6 +173,13 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
                 put(got, 0, tcpstate.RECV_SYNACK, "ESTABLISHED", order=1 if 0 in local else 0)
             if est is not None:
                 put(f.ts[est], 1, tcpstate.RECV_ACK_OF_SYN, "ESTABLISHED")
+        else:
+            acks = np.flatnonzero((f.d == 0) & ((f.flags & (SYN | RST | ACK)) == ACK))
+            if len(acks):  # the client acknowledges a SYN-ACK the capture did not see
+                ends[1].start("SYN_RECEIVED", float(f.ts[sides[0].syn[0]]))
+                t = f.ts[acks[0]]
+                put(t, 0, tcpstate.RECV_SYNACK, "ESTABLISHED", "SYN-ACK not captured", order=0)
+                put(t, 1, tcpstate.RECV_ACK_OF_SYN, "ESTABLISHED", order=0)
     else:  # the capture began mid-connection
         ends[0].start("ESTABLISHED", first)
         ends[1].start("ESTABLISHED", first)

@@ -434,3 +434,18 @@ def test_zero_window_probes_are_not_keepalives():
         s.send("s", "A", t + 0.02, win=0)
     r = row(s.analyze())
     assert (r.client_keepalives, r.server_keepalives) == (0, 0)
+
+
+def test_one_sided_capture_infers_the_unseen_syn_ack():
+    s = Script()
+    s.send("c", "S", 0.0)
+    s.nxt["s"] += 1                       # the server's SYN-ACK went another way
+    s.send("c", "A", 0.02)
+    s.send("c", "PA", 0.03, plen=100)
+    s.send("c", "FA", 1.0)
+    a = s.analyze(end=1.05)
+    r = row(a)
+    c_ep, s_ep = a.endpoint(0)
+    assert r.handshake == "partial" and c_ep.states[:3] == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT_1"]
+    assert s_ep.states[:2] == ["SYN_RECEIVED", "ESTABLISHED"]
+    assert (r.client_state_end, r.server_state_end) == ("FIN_WAIT_1", "UNKNOWN")
