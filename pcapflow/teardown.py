@@ -16,7 +16,7 @@ from . import tcpstate
 from .http import http_fields
 from .tcpstate import Endpoint
 
-SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
+SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
 MOD, HALF = 1 << 32, 1 << 31
 SIDES = ("client", "server")
 
@@ -81,7 +81,6 @@ class Side:
     keepalive_acks: list[int] = field(default_factory=list)
     isn: int | None = None
     snd_end: int | None = None   # highest sequence number sent + 1
-    last_tsval: int = -1
     packets: int = 0
     bytes: int = 0
     after_peer_fin: int = 0      # new payload bytes sent after the peer's FIN (half-close)
@@ -98,8 +97,6 @@ def collect(f: Flow) -> tuple[Side, Side]:
         fl, seq, plen = int(f.flags[i]), int(f.seq[i]), int(f.plen[i])
         me.packets += 1
         me.bytes += plen
-        if f.tsval[i] >= 0:
-            me.last_tsval = int(f.tsval[i])
         if fl & SYN:
             me.syn.append(i)
             if me.isn is None:

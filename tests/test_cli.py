@@ -47,6 +47,10 @@ def test_json_carries_every_spec_field_and_only_vocabulary_values():
     assert {e["kind"] for e in doc["events"]} <= set(vocab.EVENT_KINDS)
     assert all(set(SPEC_EVENT_FIELDS) <= set(e) for e in doc["events"])
     assert all(set(SPEC_FINDING_FIELDS) <= set(f) for f in doc["findings"])
+    assert {f["severity"] for f in doc["findings"]} <= set(vocab.SEVERITIES)
+    assert {f["kind"] for f in doc["findings"]} <= set(vocab.FINDING_KINDS)
+    assert {x["position"] for c in doc["connections"] for x in c["losses"]} <= set(vocab.LOSS_POSITIONS)
+    assert {c["vantage"] for c in doc["connections"]} <= set(vocab.VANTAGES)
     tw = [c for c in doc["connections"] if c["time_wait_restarts"] == 1]
     assert len(tw) == 1 and tw[0]["lost_waves"] == [4]
 
