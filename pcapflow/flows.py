@@ -61,29 +61,37 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         seg["conn"], seg["dir"] = pd.Series(dtype="int64"), pd.Series(dtype="int8")
         return seg, pd.DataFrame(columns=["conn_id", "client_ip", "client_port", "server_ip",
                                           "server_port", "roles_inferred", "incarnation"])
-    a = seg["src"] + "|" + seg["sport"].astype(str)
-    b = seg["dst"] + "|" + seg["dport"].astype(str)
-    lo = np.where(a < b, a, b)
-    hi = np.where(a < b, b, a)
-    group = pd.factorize(pd.Series(lo) + "/" + pd.Series(hi))[0]
+    # A 4-tuple whichever way it is read: each endpoint as (address code << 16 | port).
+    n = len(seg)
+    codes = pd.factorize(np.concatenate([seg["src"].to_numpy(), seg["dst"].to_numpy()]))[0]
+    a = (codes[:n].astype(np.int64) << 16) | seg["sport"].to_numpy()
+    b = (codes[n:].astype(np.int64) << 16) | seg["dport"].to_numpy()
+    group = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0,
+                      return_inverse=True)[1].ravel()
     seg["_group"] = group
-    inc = np.zeros(len(seg), dtype=np.int64)
+    inc = np.zeros(n, dtype=np.int64)
     flags = seg["flags"].to_numpy()
     is_syn = (flags & (SYN | ACK)) == SYN
     syn_keys = seg.loc[is_syn, ["_group", "src", "sport", "seq"]].drop_duplicates()
     multi = syn_keys.groupby("_group").size()
-    cols = {k: seg[k].to_numpy() for k in ("src", "sport", "seq", "ack", "flags", "plen")}
-    for g in multi[multi > 1].index:
-        rows = np.flatnonzero(group == g)
-        inc[rows] = _split_incarnations(*(v[rows] for v in cols.values()))
+    multi = multi[multi > 1].index.to_numpy()
+    if len(multi):
+        order = np.argsort(group, kind="stable")  # each group's rows, in time order
+        starts = np.searchsorted(group[order], multi)
+        stops = np.searchsorted(group[order], multi, side="right")
+        cols = [seg[k].to_numpy() for k in ("src", "sport", "seq", "ack", "flags", "plen")]
+        for lo, hi in zip(starts, stops):
+            rows = order[lo:hi]
+            inc[rows] = _split_incarnations(*(v[rows] for v in cols))
     seg["_inc"] = inc
     conns = _roles(seg)
-    seg = seg.merge(conns[["_group", "_inc", "conn_id", "client_ip", "client_port"]],
-                    on=["_group", "_inc"], how="left", sort=False)
-    seg["conn"] = seg.pop("conn_id")
-    seg["dir"] = np.where((seg["src"] == seg["client_ip"]) & (seg["sport"] == seg["client_port"]),
-                          0, 1).astype(np.int8)
-    seg = seg.drop(columns=["_group", "_inc", "client_ip", "client_port"])
+    at = pd.MultiIndex.from_arrays([conns["_group"], conns["_inc"]]).get_indexer(
+        pd.MultiIndex.from_arrays([group, inc]))
+    seg["conn"] = conns["conn_id"].to_numpy()[at]
+    client = (seg["src"].to_numpy() == conns["client_ip"].to_numpy()[at]) & \
+        (seg["sport"].to_numpy() == conns["client_port"].to_numpy()[at])
+    seg["dir"] = np.where(client, 0, 1).astype(np.int8)
+    seg = seg.drop(columns=["_group", "_inc"])
     conns = conns.drop(columns=["_group", "_inc"])
     return seg, conns
 
