@@ -1,6 +1,8 @@
 """The Analysis object users hold: captures -> segments -> connections -> events -> tables."""
 from __future__ import annotations
 
+import functools
+import io
 import json
 import math
 import os
@@ -121,21 +123,34 @@ class Analysis:
         return self._endpoints[conn_id]
 
     def to_dict(self) -> dict:
-        return {
-            "schema": SCHEMA,
-            "captures": [asdict(c) for c in self.captures],
-            "connections": _records(self.connections),
-            "events": _records(self.events),
-            "findings": _records(self.findings),
-        }
+        return {"schema": SCHEMA, "captures": [asdict(c) for c in self.captures],
+                **{name: list(_records(df)) for name, df in self._tables()}}
 
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), separators=(",", ":"), default=_json_default,
-                          allow_nan=False)
-        if path is not None:
-            with open(path, "w") as fh:
-                fh.write(text)
-        return text
+    def to_json(self, path: str | os.PathLike | None = None) -> str | None:
+        """The `pcapflow/1` document: written to `path` (returned as text when None)."""
+        if path is None:
+            buf = io.StringIO()
+            self.write_json(buf)
+            return buf.getvalue()
+        with open(path, "w") as fh:
+            self.write_json(fh)
+        return None
+
+    def write_json(self, fh) -> None:
+        """Stream the document record by record, never holding it whole in memory."""
+        dump = functools.partial(json.dumps, separators=(",", ":"), default=_json_default,
+                                 allow_nan=False)
+        fh.write(f'{{"schema":{dump(SCHEMA)},"captures":{dump([asdict(c) for c in self.captures])}')
+        for name, df in self._tables():
+            fh.write(f',"{name}":[')
+            for k, rec in enumerate(_records(df)):
+                fh.write(("," if k else "") + dump(rec))
+            fh.write("]")
+        fh.write("}\n")
+
+    def _tables(self):
+        return (("connections", self.connections), ("events", self.events),
+                ("findings", self.findings))
 
     def plot_ladder(self, conn_id: int, ax=None):
         from .report.charts import ladder
@@ -162,11 +177,11 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _records(df: pd.DataFrame) -> list[dict]:
-    out = []
-    for rec in df.to_dict(orient="records"):
-        out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
-    return out
+def _records(df: pd.DataFrame):
+    """Rows as dicts of plain Python values, NaN as None."""
+    cols = list(df.columns)
+    for row in zip(*(df[c].tolist() for c in cols)):
+        yield {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in zip(cols, row)}
 
 
 def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,

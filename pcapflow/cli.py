@@ -108,8 +108,12 @@ def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_r
     if fmt == "table":
         from .report.table import render
         text = render(a)
-    elif fmt == "json":
-        text = a.to_json()
+    elif fmt == "json":  # streamed: a big capture's document is never held whole
+        if output:
+            a.to_json(output)
+        else:
+            a.write_json(click.get_text_stream("stdout"))
+        text = None
     elif fmt == "csv":
         text = flat(a.connections).to_csv(index=False)
     elif fmt == "parquet":
