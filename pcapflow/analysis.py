@@ -68,22 +68,29 @@ class Analysis:
             self._findings = compute_findings(self)
         return self._findings
 
+    def sockets(self, at: float | None = None, host: str | None = None) -> pd.DataFrame:
+        """Every socket alive at instant `at` (None: capture end), as `ss -tan` would list it:
+        conn_id, host, port, peer, peer_port, side (client/server) and state."""
+        t = self.capture_end if at is None else at
+        rows = []
+        c = self.connections
+        for cid, cip, cport, sip, sport in zip(c["conn_id"], c["client_ip"], c["client_port"],
+                                                c["server_ip"], c["server_port"]):
+            for ep, side, me, peer in zip(self._endpoints[cid], SIDE_NAMES,
+                                          ((cip, cport), (sip, sport)), ((sip, sport), (cip, cport))):
+                st = ep.state_at(t) if t is not None else None
+                if st is not None and st not in ("CLOSED", "LISTEN") and host in (None, me[0]):
+                    rows.append((cid, *me, *peer, side, st))
+        return pd.DataFrame(rows, columns=["conn_id", "host", "port", "peer", "peer_port",
+                                           "side", "state"])
+
     def states(self, at: float | None = None, host: str | None = None) -> pd.DataFrame:
         """netstat-like counts: one row per (host, state) at instant `at` (None: capture end).
 
         Each connection counts once on its client host and once on its server host, with
         the state that side was in at that instant; sides already CLOSED are not counted.
         """
-        t = self.capture_end if at is None else at
-        rows = []
-        for ep, ip in self._sockets():
-            st = ep.state_at(t) if t is not None else None
-            if st is not None and st not in ("CLOSED", "LISTEN"):
-                rows.append((ip, st))
-        df = pd.DataFrame(rows, columns=["host", "state"])
-        if host is not None:
-            df = df[df["host"] == host]
-        out = df.value_counts().rename("count").reset_index()
+        out = self.sockets(at, host)[["host", "state"]].value_counts().rename("count").reset_index()
         return out.sort_values(["host", "count", "state"], ascending=[True, False, True],
                                ignore_index=True)
 

@@ -6,6 +6,7 @@ import os
 import sys
 
 import click
+import numpy as np
 import pandas as pd
 
 from .analysis import Analysis, analyze
@@ -14,6 +15,7 @@ from .capture import CaptureError
 from .safe import clean
 
 FORMATS = ["table", "json", "csv", "parquet", "html"]
+SIDES = ("client", "server")
 
 
 class InputError(click.ClickException):
@@ -143,23 +145,38 @@ def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_r
 @click.option("--at", "at", type=float, help="Instant (epoch seconds, or seconds from the capture "
               "start if below 1e9). Default: end of capture.")
 @click.option("--host", help="Only this host's sockets.")
+@click.option("--explain", is_flag=True, help="Break each count down by local port and peer.")
 @click.option("--msl", type=float, default=30.0, show_default=True)
 @click.option("--fin-timeout", type=float, default=60.0, show_default=True)
 @click.option("--progress/--no-progress", default=None)
-def states_cmd(captures, at, host, msl, fin_timeout, progress):
+def states_cmd(captures, at, host, explain, msl, fin_timeout, progress):
     """netstat-like socket state counts per host at an instant of the capture."""
     a = run_analysis(captures, progress, msl=msl, fin_timeout=fin_timeout)
     start = min((c.first_ts for c in a.captures if c.first_ts is not None), default=0.0)
     t = None if at is None else (start + at if at < 1e9 else at)
-    df = a.states(at=t, host=host)
+    sockets = a.sockets(at=t, host=host)
     when = pd.to_datetime(t if t is not None else a.capture_end or 0, unit="s", utc=True)
     click.echo(f"states at {when.isoformat()}")
-    if df.empty:
+    if sockets.empty:
         click.echo("(no sockets)")
-    for h, g in df.groupby("host", sort=True):
+    closers = a.connections["active_closer"]
+    for h, g in sockets.groupby("host", sort=True):
         click.echo(f"{clean(h)}")
-        for r in g.itertuples():
-            click.echo(f"  {r.state:<12} {r.count:>7}")
+        for state, n in g["state"].value_counts().items():
+            click.echo(f"  {state:<12} {n:>7}")
+            if not explain:
+                continue
+            mine = g[g["state"] == state]
+            service = np.where(mine["side"] == "server",  # a server port, or where a client went
+                               ":" + mine["port"].astype(str) + " <- " + mine["peer"],
+                               "-> " + mine["peer"] + ":" + mine["peer_port"].astype(str))
+            for (where, side), p in mine.groupby([service, mine["side"].to_numpy()]):
+                first = closers.loc[p["conn_id"]].value_counts()
+                who = ", ".join(f"{'this host' if k == side else 'peer' if k in SIDES else k}"
+                                f" closed first {v}" for k, v in first.items() if k != "none")
+                sample = ", ".join(map(str, p["conn_id"].head(5)))
+                click.echo(f"      {clean(where)}: {len(p)}{'; ' + who if who else ''}; "
+                           f"e.g. conn {sample}")
 
 
 @cli.command("show")

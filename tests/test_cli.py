@@ -184,3 +184,14 @@ def test_progress_bars_on_a_terminal_only():
     assert b"reading" in shown and b"analyzing" in shown and b"100%" in shown
     quiet = pcapflow("analyze", out, "--format", "csv")
     assert quiet.stderr == ""  # not a terminal: no bar
+
+
+def test_states_explain_breaks_counts_down_by_port_and_closer():
+    r = pcapflow("states", SAMPLE / "postmortem" / "server.pcap", "--explain", "--host", "10.0.2.2")
+    assert r.returncode == 0, r.stderr
+    ss = json.loads((SAMPLE / "postmortem" / "truth.json").read_text())["ss"]["server"]
+    tw = sum(s["state"] == "TIME_WAIT" for s in ss)
+    cw = sum(s["state"] == "CLOSE_WAIT" for s in ss)
+    assert f":8080 <- 10.0.1.2: {tw}; this host closed first {tw}" in r.stdout
+    assert f":8080 <- 10.0.1.2: {cw}; peer closed first {cw}" in r.stdout
+    assert "10.0.1.2\n" not in r.stdout  # --host keeps one host
