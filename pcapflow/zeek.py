@@ -94,6 +94,15 @@ class Endpoint:
         return max(n, 0)
 
 
+def _fin_or_rst(ep: Endpoint, fin: int, rst: int) -> bool:
+    """A FIN closes the endpoint, an RST resets it (RST wins); either means do_close."""
+    if fin:
+        ep.set_state(CLOSED)
+    if rst:
+        ep.set_state(RESET)
+    return bool(fin or rst)
+
+
 class Conn:
     """One Zeek connection: both endpoints, the history string, packet counts, times."""
 
@@ -261,12 +270,7 @@ class Conn:
                     if peer.state == SYN_SENT:
                         peer.set_state(ESTABLISHED)
                     ep.set_state(ESTABLISHED)
-            if fin:
-                ep.set_state(CLOSED)
-                close = True
-            if rst:
-                ep.set_state(RESET)
-                close = True
+            close = _fin_or_rst(ep, fin, rst)
             if ep.state == INACTIVE:
                 if not is_orig and plen == 0 and self.orig.state == SYN_SENT:
                     pass  # an ACK of the SYN before the SYN-ACK does not make it partial
@@ -276,12 +280,7 @@ class Conn:
                 else:
                     ep.set_state(PARTIAL)
         elif ep.state in (SYN_SENT, SYN_ACK_SENT):
-            if fin:
-                ep.set_state(CLOSED)
-                close = True
-            if rst:
-                ep.set_state(RESET)
-                close = True
+            close = _fin_or_rst(ep, fin, rst)
         elif ep.state in (ESTABLISHED, PARTIAL):
             if syn and ep.state == PARTIAL and peer.state == INACTIVE and not has_ack:
                 ep.set_state(SYN_SENT)

@@ -1238,6 +1238,14 @@ def ipv6(run: Run) -> list[dict]:
     return [conn(client_state_end="TIME_WAIT")]
 
 
+def http_server(run: Run, idle_timeout: str) -> None:
+    """Start the lab's HTTP/1.1 server on PORT: it closes after 5 requests or `idle_timeout`
+    seconds of silence."""
+    server = run.spawn("server", "http_server", run.server_ip, str(PORT),
+                       "--max-requests", "5", "--idle-timeout", idle_timeout)
+    server.stdout.readline()  # {"event": "listening"}
+
+
 HTTP_PLAN = ["close"] * 170 + ["idle"] * 15 + ["limit:5"] * 15
 
 
@@ -1248,17 +1256,7 @@ HTTP_PLAN = ["close"] * 170 + ["idle"] * 15 + ["limit:5"] * 15
     aggregate=True,
 )
 def http_pileup(run: Run) -> list[dict]:
-    server = run.spawn(
-        "server",
-        "http_server",
-        run.server_ip,
-        str(PORT),
-        "--max-requests",
-        "5",
-        "--idle-timeout",
-        "1.0",
-    )
-    server.stdout.readline()  # {"event": "listening"}
+    http_server(run, idle_timeout="1.0")
     run.notes.update(request_limit=5, idle_timeout_s=1.0, plan=dict(Counter(HTTP_PLAN)))
     plan = HTTP_PLAN[:]
     random.Random(1).shuffle(plan)
@@ -1307,17 +1305,7 @@ POSTMORTEM_PLAN = (
     aggregate=True,
 )
 def postmortem(run: Run) -> list[dict]:
-    server = run.spawn(
-        "server",
-        "http_server",
-        run.server_ip,
-        str(PORT),
-        "--max-requests",
-        "5",
-        "--idle-timeout",
-        "30",
-    )
-    server.stdout.readline()  # {"event": "listening"}
+    http_server(run, idle_timeout="30")
     plan = POSTMORTEM_PLAN[:]
     random.Random(7).shuffle(plan)
     run.notes.update(
