@@ -18,6 +18,7 @@ from . import vantage as vt
 from .capture import CaptureInfo, read_captures
 from .detectors import handshake_times
 from .flows import assign_connections
+from .seq import ACK, FIN, MOD, RST, SYN, after
 from .teardown import Flow, Params, reconstruct
 from .zeek import zeek_fields
 
@@ -305,7 +306,7 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
     updates, events = {}, []
     for old, new in zip(pairs.iloc[:-1][same].itertuples(), pairs.iloc[1:][same].itertuples()):
         fnew = flows[new.conn_id]
-        syn = np.flatnonzero((fnew.flags & 0x12) == 0x02)
+        syn = np.flatnonzero((fnew.flags & (SYN | ACK)) == SYN)
         t = float(fnew.ts[syn[0]]) if len(syn) else None
         if t is None:
             continue
@@ -346,11 +347,11 @@ def _old_reset_by_new_syn(fold: Flow, t: float) -> float | None:
     """When the client reset the old connection after the peer answered the new SYN (at t)
     with an ACK of the old one, else None."""
     later = fold.ts >= t
-    answered = later & (fold.d == 1) & ((fold.flags & 0x16) == 0x10)
+    answered = later & (fold.d == 1) & ((fold.flags & (SYN | RST | ACK)) == ACK)
     if not answered.any():
         return None
-    after = fold.ts >= fold.ts[np.argmax(answered)]
-    rst = np.flatnonzero(after & (fold.d == 0) & ((fold.flags & 0x04) != 0))
+    since = fold.ts >= fold.ts[np.argmax(answered)]
+    rst = np.flatnonzero(since & (fold.d == 0) & ((fold.flags & RST) != 0))
     return float(fold.ts[rst[0]]) if len(rst) else None
 
 
@@ -361,16 +362,16 @@ def _reuse_check(fold: Flow, fnew: Flow, old, new, k: int) -> tuple[str, bool]:
     mine = fold.d == same_dir
     old_end = _seq_end(fold, mine)
     isn = int(fnew.seq[k])
-    signature = old_end is not None and isn == (old_end + 65537) % (1 << 32)
-    synack = np.flatnonzero((fnew.flags & 0x12) == 0x12)
+    signature = old_end is not None and isn == (old_end + 65537) % MOD
+    synack = np.flatnonzero((fnew.flags & (SYN | ACK)) == SYN | ACK)
     if len(synack):
         old_srv_end = _seq_end(fold, ~mine)
-        signature |= old_srv_end is not None and int(fnew.seq[synack[0]]) == (old_srv_end + 65537) % (1 << 32)
-    if old_end is not None and 0 < (isn - old_end) % (1 << 32) < (1 << 31):
+        signature |= old_srv_end is not None and int(fnew.seq[synack[0]]) == (old_srv_end + 65537) % MOD
+    if old_end is not None and after(isn, old_end):
         return "isn_higher", bool(signature)
     old_ts = fold.tsval[mine]
     old_ts = old_ts[old_ts >= 0]
-    if fnew.tsval[k] >= 0 and len(old_ts) and 0 < (int(fnew.tsval[k]) - int(old_ts.max())) % (1 << 32) < (1 << 31):
+    if fnew.tsval[k] >= 0 and len(old_ts) and after(int(fnew.tsval[k]), int(old_ts.max())):
         return "timestamp_newer", bool(signature)
     return "unsafe", bool(signature)
 
@@ -379,5 +380,5 @@ def _seq_end(f: Flow, mask: np.ndarray) -> int | None:
     if not mask.any():
         return None
     seq, plen, fl = f.seq[mask], f.plen[mask], f.flags[mask]
-    ends = (seq + plen + ((fl & 0x03) > 0)) % (1 << 32)
+    ends = (seq + plen + ((fl & (SYN | FIN)) > 0)) % MOD
     return int(ends[-1])

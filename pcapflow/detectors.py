@@ -13,7 +13,8 @@ from itertools import pairwise
 
 import numpy as np
 
-SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
+from .seq import ACK, FIN, HALF, MOD, RST, SYN
+
 SIDES = ("client", "server")
 MISSED_FIN_MARGIN = 1.0  # s: far beyond a round trip, so a peer segment sent later saw the FIN
 
@@ -80,7 +81,7 @@ def handshake_rows(f) -> tuple[int | None, int | None, int | None]:
     isn = int(f.seq[k])
     # any client ACK at or beyond isn + 1 proves the SYN-ACK arrived (data may come first)
     ack = np.flatnonzero((f.d[k:] == 0) & ((fl[k:] & (SYN | RST | ACK)) == ACK)
-                         & ((f.ack[k:] - isn - 1) % (1 << 32) < (1 << 31)))
+                         & ((f.ack[k:] - isn - 1) % MOD < HALF))
     return (int(syn[-1]) if len(syn) else None, k, k + int(ack[0]) if len(ack) else None)
 
 
@@ -336,7 +337,7 @@ def _ipid_gap(c: Context, s: int) -> int:
     if len(ids) < 3 or ((np.diff(ids) % 65536) != 1).any():
         return 0
     j = np.flatnonzero(f.d[:i] == s)[-1]
-    if (int(f.seq[j]) + int(f.plen[j])) % (1 << 32) != int(f.seq[i]):
+    if (int(f.seq[j]) + int(f.plen[j])) % MOD != int(f.seq[i]):
         return 0
     gap = (int(f.ipid[i]) - int(ids[-1]) - 1) % 65536
     return gap if 0 < gap <= 16 else 0

@@ -11,19 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
-MOD = 1 << 32
-HALF = 1 << 31
+from .seq import ACK, FIN, MOD, SYN, after, distance
+
 EPHEMERAL = (32768, 60999)
 DUP_WINDOW = 0.05  # s: the same packet captured twice (tcpdump -i any on a router or bridge)
 DUP_KEY = ["src", "sport", "dst", "dport", "seq", "ack", "flags", "plen", "win", "ipid",
            "tsval", "tsecr", "nsack"]
-
-
-def seq_dist(a: int, b: int) -> int:
-    """Distance between two sequence numbers in 32-bit space (RFC 1982 style)."""
-    d = (a - b) % MOD
-    return min(d, MOD - d)
 
 
 def mark_duplicates(seg: pd.DataFrame) -> np.ndarray:
@@ -114,7 +107,7 @@ def _split_incarnations(*columns: np.ndarray) -> np.ndarray:
         x = incs[k]
         end = (seq + plen + (1 if flags & (SYN | FIN) else 0)) % MOD
         old = x["hi"].get(ep)
-        if old is None or 0 < (end - old) % MOD < HALF:
+        if old is None or after(end, old):
             x["hi"][ep] = end
         out[i] = k
     return out
@@ -134,10 +127,10 @@ def _best_fit(incs: list[dict], ep, seq: int, ack: int, flags: int) -> int:
     best, best_score = len(incs) - 1, None
     for k in range(len(incs) - 1, max(len(incs) - 3, -1), -1):
         hi = incs[k]["hi"]
-        score = seq_dist(seq, hi[ep]) if ep in hi else UNKNOWN_SPACE
+        score = distance(seq, hi[ep]) if ep in hi else UNKNOWN_SPACE
         peers = [v for e, v in hi.items() if e != ep]
         if flags & ACK:
-            score += seq_dist(ack, peers[0]) if peers else UNKNOWN_SPACE
+            score += distance(ack, peers[0]) if peers else UNKNOWN_SPACE
         if best_score is None or score < best_score:
             best, best_score = k, score
     return best

@@ -14,20 +14,10 @@ import numpy as np
 from . import detectors as det
 from . import tcpstate
 from .http import http_fields
+from .seq import ACK, FIN, MOD, RST, SYN, after, at_or_after
 from .tcpstate import Endpoint
 
-SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
-MOD, HALF = 1 << 32, 1 << 31
 SIDES = ("client", "server")
-
-
-def after(a: int, b: int) -> bool:
-    """a > b in 32-bit sequence space."""
-    return 0 < (a - b) % MOD < HALF
-
-
-def at_or_after(a: int, b: int) -> bool:
-    return (a - b) % MOD < HALF
 
 
 @dataclass
@@ -79,7 +69,6 @@ class Side:
     rst: list[int] = field(default_factory=list)
     keepalives: list[int] = field(default_factory=list)
     keepalive_acks: list[int] = field(default_factory=list)
-    isn: int | None = None
     snd_end: int | None = None   # highest sequence number sent + 1
     packets: int = 0
     bytes: int = 0
@@ -99,8 +88,6 @@ def collect(f: Flow) -> tuple[Side, Side]:
         me.bytes += plen
         if fl & SYN:
             me.syn.append(i)
-            if me.isn is None:
-                me.isn = seq
         if fl & RST:
             me.rst.append(i)
         end = (seq + plen + (1 if fl & (SYN | FIN) else 0)) % MOD

@@ -36,10 +36,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .seq import ACK, FIN, MOD, RST, SYN
 from .teardown import Flow
 
-FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
-MOD = 1 << 32
 TOO_LARGE_SEQ_DELTA = 1 << 20  # TCPSessionAdapter.cc: SYN/RST sequence jumps not trusted
 ATTEMPT_DELAY = 5.0   # tcp_attempt_delay: a SYN unanswered this long ends the connection
 CLOSE_DELAY = 5.0     # tcp_close_delay / tcp_reset_delay: a closed connection is removed after

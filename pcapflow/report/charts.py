@@ -17,6 +17,7 @@ from matplotlib.patches import Rectangle
 
 from ..detectors import has_tail_loss_probe, rto_estimate
 from ..findings import peak_concurrency
+from ..seq import MOD
 from .table import anomalies
 
 FLAG_NAMES = [(0x02, "SYN"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"),
@@ -36,7 +37,6 @@ STATE_COLORS = {"TIME_WAIT": "tab:purple", "CLOSE_WAIT": "tab:red", "FIN_WAIT_2"
 MAX_HOSTS = 6
 MAX_LADDERS = 10
 PER_FINDING = 3  # ladders of one finding look alike: a few, then other findings
-MOD = 1 << 32
 
 
 def flag_text(flags: int) -> str:
