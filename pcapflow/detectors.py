@@ -343,7 +343,8 @@ def _ipid_gap(c: Context, s: int) -> int:
     return gap if 0 < gap <= 16 else 0
 
 
-def close_type(c: Context, ends, giveups) -> str:
+def close_type(c: Context) -> str:
+    """One of vocab.CLOSE_TYPES for this connection."""
     f, sides = c.f, c.sides
     has_synack = bool(sides[1].syn) and bool(f.flags[sides[1].syn[0]] & ACK)
     rsts = sorted(i for s in (0, 1) for i in sides[s].rst)
@@ -356,10 +357,10 @@ def close_type(c: Context, ends, giveups) -> str:
     if not any(fins):
         return "open"
     active, passive = closers(c)
-    if any(giveups):
+    if c.giveup(0) or c.giveup(1):
         return "abandoned"
     if all(fins):
-        if not all(c.fin_ack_received_at(s) or fins[s].acks for s in (0, 1)):
+        if not all(fin.acks for fin in fins):
             return "closing"
         if active == 2:
             return "simultaneous"
@@ -371,8 +372,8 @@ def close_type(c: Context, ends, giveups) -> str:
     return "half_closed" if fins[s].acks else "closing"
 
 
-def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, tw: dict,
-                      loss: list[dict], vantage: str) -> dict:
+def connection_fields(c: Context, ends, rst: str | None, tw: dict, loss: list[dict],
+                      vantage: str) -> dict:
     """The SPEC's teardown columns for one connection."""
     f, sides = c.f, c.sides
     giveups = [c.giveup(s) for s in (0, 1)]
@@ -398,9 +399,9 @@ def connection_fields(c: Context, ends, handshake_state: str, rst: str | None, t
 
     lost_waves = sorted({x["wave"] for x in loss})
     row = {
-        "handshake": handshake_state,
+        "handshake": handshake(c),
         "vantage": vantage,
-        "close_type": close_type(c, ends, giveups),
+        "close_type": close_type(c),
         "active_closer": {None: "none", 0: "client", 1: "server", 2: "both"}[active],
         "client_state_end": ends[0].state,
         "server_state_end": ends[1].state,

@@ -138,7 +138,6 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
     def put(ts, side, event, kind, detail="", order=1):
         inputs.append((float(ts), order, side, event, kind, detail))
 
-    handshake = det.handshake(c)
     ends = (Endpoint(), Endpoint())
     first = float(f.ts[0])
     if sides[0].syn and not (f.flags[sides[0].syn[0]] & ACK):
@@ -233,6 +232,6 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
                      f"{loss['position'].replace('_', ' ')}")))
     rows.sort(key=lambda r: r[0])
 
-    row = det.connection_fields(c, ends, handshake, rst_kind, tw, losses, vantage)
+    row = det.connection_fields(c, ends, rst_kind, tw, losses, vantage)
     row.update(http_fields(f))
     return Result(row, rows, ends)
