@@ -16,7 +16,7 @@ from .files import CaptureError, CaptureInfo, open_capture, records
 from .limits import CAP_REASONS, Limits
 
 __all__ = ["SEGMENT_COLUMNS", "SKIP_REASONS", "CaptureError", "CaptureInfo", "Limits",
-           "empty_segments", "read_captures"]
+           "read_captures"]
 
 Source = str | os.PathLike | BinaryIO
 log = logging.getLogger("pcapflow")
@@ -90,7 +90,3 @@ def _to_frame(cols: Columns) -> pd.DataFrame:
     df = pd.DataFrame({name: np.asarray(cols.cols.pop(name), dtype=dtype)
                        for name, dtype in SEGMENT_COLUMNS.items()})
     return df.sort_values("ts", kind="stable", ignore_index=True)
-
-
-def empty_segments() -> pd.DataFrame:
-    return _to_frame(Columns())
