@@ -1,9 +1,17 @@
-"""Reading: captures in, one table of TCP segments out (plus per-file accounting)."""
+"""Reading: captures in, one table of TCP segments out (plus per-file accounting).
+
+Two decoders fill the same chunks of rows: the reference (dpkt, every format and link type
+we know, one frame at a time) and, when numba is installed, a compiled fast path for the
+common layouts (fast.py) that hands every frame it does not vouch for to the reference.
+Each chunk then goes through one accounting step: timestamps, caps, skip reasons.
+"""
 from __future__ import annotations
 
 import logging
 import os
+from array import array
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -12,7 +20,7 @@ import pandas as pd
 from ..safe import clean
 from ..vocab import SKIP_REASONS
 from .decode import LINK_LAYERS, SEGMENT_COLUMNS, Columns
-from .files import CaptureError, CaptureInfo, open_capture, records
+from .files import CaptureError, CaptureInfo, check_links, cut_noted, framer_for, open_capture
 from .limits import CAP_REASONS, Limits
 
 __all__ = ["SEGMENT_COLUMNS", "SKIP_REASONS", "CaptureError", "CaptureInfo", "Limits",
@@ -23,11 +31,26 @@ log = logging.getLogger("pcapflow")
 # Timestamps pandas can hold as datetimes (years 1677-2262); others come from corrupt headers
 # or a pcapng simple packet block, which has none.
 MAX_ABS_TS = 9.2e9
+REASONS = ["", *SKIP_REASONS]  # code 0: a segment; k: the k-th skip reason
+CODE = {r: k for k, r in enumerate(REASONS)}
+CHUNK = 20000  # frames the reference decoder reads between accounting steps (and progress calls)
+FAST_MIN_BYTES = 4 << 20  # smaller inputs: compiling or loading the fast path costs more than it saves
+
+
+@dataclass
+class Chunk:
+    """Consecutive frames of one capture: per frame its time and code (0: a segment, else the
+    skip reason's), and the segment columns of the frames with code 0, in frame order."""
+
+    ts: np.ndarray
+    code: np.ndarray
+    segments: dict[str, np.ndarray]
 
 
 def read_captures(sources: Source | Iterable[Source],
                   progress: Callable[[int], None] | None = None,
                   limits: Limits | None = None,
+                  fast: bool | None = None,
                   ) -> tuple[pd.DataFrame, list[CaptureInfo]]:
     """Read captures into one segment table sorted by time (rotated files become one timeline).
 
@@ -36,43 +59,188 @@ def read_captures(sources: Source | Iterable[Source],
     Raises CaptureError for an input that is not a readable capture; a capture cut short
     mid-record is read up to the cut and reported in `CaptureInfo.truncated`. `limits`
     (default: Limits.from_env()) caps the segments kept; a cap hit is logged as a warning.
+    `fast`: use the compiled reader (True), the reference one (False), or (None) let the
+    environment decide: PCAPFLOW_FAST=0 never, =1 always, unset for inputs of at least
+    FAST_MIN_BYTES, in each case only when numba is installed.
     """
     if isinstance(sources, (str, os.PathLike)) or hasattr(sources, "read"):
         sources = [sources]
-    cols = Columns(limits or Limits.from_env())
+    caps = _Caps(limits or Limits.from_env())
+    parts: list[dict[str, np.ndarray]] = []
     infos: list[CaptureInfo] = []
     for index, source in enumerate(sources):
         with open_capture(source) as (stream, name, compression):
             info = CaptureInfo(path=name, compression=compression)
             infos.append(info)
-            _read_one(stream, index, info, cols, progress)
-    return _to_frame(cols), infos
+
+            def finish(chunk: Chunk, info=info) -> None:
+                parts.append(_account(chunk, info, caps))
+
+            if _use_fast(fast, source):
+                from .fast import read_fast
+                read_fast(stream, index, info, finish, progress)
+            else:
+                _read_one(stream, index, info, finish, progress)
+    return _to_frame(parts), infos
 
 
-def _read_one(stream, index: int, info: CaptureInfo, cols: Columns, progress) -> None:
-    before = len(cols)
+def _use_fast(fast: bool | None, source: Source) -> bool:
+    if fast is not None:
+        return fast
+    choice = os.environ.get("PCAPFLOW_FAST", "").strip()
+    if choice == "0":
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    if choice == "1":
+        return True
+    try:
+        return os.path.getsize(source) >= FAST_MIN_BYTES
+    except (TypeError, OSError):  # a stream: size unknown, likely big
+        return True
+
+
+def _read_one(stream, index: int, info: CaptureInfo, finish, progress) -> None:
+    """The reference reader: frames one at a time through dpkt, accounted every CHUNK frames."""
     frame = done = 0
-    for rec in records(stream, info, LINK_LAYERS):
-        frame += 1
-        info.packets += 1
-        if progress is not None and frame % 20000 == 0:
-            done, step = _position(stream, done)
-            progress(step)
-        if not abs(rec.ts) < MAX_ABS_TS:  # NaN too
-            info.skip("bad_timestamp")
-            continue
-        if info.first_ts is None or rec.ts < info.first_ts:
-            info.first_ts = rec.ts
-        if info.last_ts is None or rec.ts > info.last_ts:
-            info.last_ts = rec.ts
-        reason = cols.add(index, frame, rec.ts, rec.linktype, rec.data, rec.wirelen)
-        if reason is not None:
-            if reason in CAP_REASONS and reason not in info.skipped:
-                log.warning("warning: %s: %s", clean(info.path), cols.limits.message(reason))
-            info.skip(reason)
+    framer = framer_for(stream, info, LINK_LAYERS)
+    ref = ReferenceChunk(index)
+    with cut_noted(info, framer, ref.__len__):
+        while (rec := framer.next(stream)) is not None:
+            if isinstance(rec, str):  # a frame with no record: its skip reason
+                ref.skip(rec)
+                continue
+            frame += 1
+            ref.add(frame, rec)
+            if len(ref) == CHUNK:
+                finish(ref.chunk())
+                if progress is not None:
+                    done, step = _position(stream, done)
+                    progress(step)
+    finish(ref.chunk())
     if progress is not None:
         progress(_position(stream, done)[1])
-    info.tcp_packets = len(cols) - before
+    check_links(info, framer.links, LINK_LAYERS)
+
+
+class ReferenceChunk:
+    """Frames decoded one by one with dpkt, gathered into a Chunk."""
+
+    def __init__(self, capture: int) -> None:
+        self.capture = capture
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cols = Columns()
+        self.ts = array("d")
+        self.code = array("h")
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def skip(self, reason: str) -> None:
+        self.ts.append(float("nan"))  # no timestamp: not counted in first/last_ts
+        self.code.append(-CODE[reason])  # negative: skipped whatever its time says
+
+    def add(self, frame: int, rec) -> None:
+        self.ts.append(rec.ts)
+        if not abs(rec.ts) < MAX_ABS_TS:  # NaN too: not decoded
+            self.code.append(CODE["bad_timestamp"])
+            return
+        reason = self.cols.add(self.capture, frame, rec.ts, rec.linktype, rec.data, rec.wirelen)
+        self.code.append(0 if reason is None else CODE[reason])
+
+    def chunk(self) -> Chunk:
+        out = Chunk(np.asarray(self.ts), np.asarray(self.code, dtype=np.int16), self.cols.arrays())
+        self._reset()
+        return out
+
+
+def _account(chunk: Chunk, info: CaptureInfo, caps: _Caps) -> dict[str, np.ndarray]:
+    """Count one chunk's frames into `info` and return the segments it keeps."""
+    code = chunk.code.copy()
+    ts = chunk.ts
+    no_record = code < 0
+    code[no_record] = -code[no_record]
+    good = (np.abs(ts) < MAX_ABS_TS) & ~no_record
+    seg_at = np.flatnonzero(chunk.code == 0)  # the frame of each segment row
+    code[~good & ~no_record] = CODE["bad_timestamp"]
+    keep = good[seg_at]
+    segments = {k: v[keep] for k, v in chunk.segments.items()}
+    seg_at = seg_at[keep]
+    capped = caps.apply(segments)
+    if capped is not None:
+        code[seg_at] = capped
+        segments = {k: v[capped == 0] for k, v in segments.items()}
+    info.packets += len(code)
+    if good.any():
+        lo, hi = float(ts[good].min()), float(ts[good].max())
+        info.first_ts = lo if info.first_ts is None else min(info.first_ts, lo)
+        info.last_ts = hi if info.last_ts is None else max(info.last_ts, hi)
+    skipped = code[code > 0]
+    kinds, first, counts = np.unique(skipped, return_index=True, return_counts=True)
+    for k in np.argsort(first, kind="stable"):  # in the order they first occurred
+        reason = REASONS[kinds[k]]
+        if reason in CAP_REASONS and reason not in info.skipped:
+            log.warning("warning: %s: %s", clean(info.path), caps.limits.message(reason))
+        info.skipped[reason] = info.skipped.get(reason, 0) + int(counts[k])
+    info.tcp_packets += len(segments["ts"])
+    return segments
+
+
+class _Caps:
+    """Limits over the whole read: the first `max_segments` segments, of the first
+    `max_connections` 4-tuples (either direction); later ones get the cap's skip code."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.kept = 0
+        self.tuples: set[tuple] = set()
+        self.addresses: dict[str, int] = {}
+
+    def apply(self, seg: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Codes for these segments (0: kept), or None when all are kept."""
+        n = len(seg["ts"])
+        if not n:
+            return None
+        src, dst = seg["src"], seg["dst"]
+        codes, uniques = pd.factorize(np.concatenate([src, dst]))
+        ids = np.array([self.addresses.setdefault(a, len(self.addresses)) for a in uniques],
+                       dtype=np.int64)[codes]
+        a = (ids[:n] << 16) | seg["sport"]
+        b = (ids[n:] << 16) | seg["dport"]
+        codes, (lo, hi) = factorize_rows(np.minimum(a, b), np.maximum(a, b))
+        keys = list(zip(lo.tolist(), hi.tolist()))  # each 4-tuple once, in order of first appearance
+        known = np.fromiter((k in self.tuples for k in keys), dtype=bool, count=len(keys))
+        lim = self.limits
+        if self.kept + n <= lim.max_segments and len(self.tuples) + (~known).sum() <= lim.max_connections:
+            self.tuples.update(keys)
+            self.kept += n
+            return None
+        # the new 4-tuples fill what room is left, in order of first appearance
+        room = max(lim.max_connections - len(self.tuples), 0)
+        admissible = (known | (np.cumsum(~known) <= room))[codes]
+        before = np.cumsum(admissible) - admissible  # admissible rows before each row
+        over = self.kept + before >= lim.max_segments
+        out = np.where(over, CODE["segment_cap"], np.where(admissible, 0, CODE["connection_cap"]))
+        kept = out == 0
+        self.kept += int(kept.sum())
+        self.tuples.update(keys[k] for k in np.unique(codes[kept]).tolist())
+        return out.astype(np.int16)
+
+
+def factorize_rows(*columns: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Codes of the distinct rows of these integer columns, numbered in order of first
+    appearance, and those rows' values (pandas hashing, a column at a time)."""
+    codes = np.zeros(len(columns[0]), dtype=np.int64)
+    levels: list[np.ndarray] = []
+    for col in columns:
+        c, values = pd.factorize(col)
+        codes, first = pd.factorize(codes * len(values) + c)  # distinct (rows so far, value)
+        levels = [lv[first // len(values)] for lv in levels] + [values[first % len(values)]]
+    return codes, levels
 
 
 def _position(stream, done: int) -> tuple[int, int]:
@@ -84,9 +252,10 @@ def _position(stream, done: int) -> tuple[int, int]:
     return now, max(now - done, 0)
 
 
-def _to_frame(cols: Columns) -> pd.DataFrame:
-    """The segment table, sorted by time (consumes the columns)."""
-    # each column is freed as soon as it is converted (pop), to keep the peak low
-    df = pd.DataFrame({name: np.asarray(cols.cols.pop(name), dtype=dtype)
-                       for name, dtype in SEGMENT_COLUMNS.items()})
+def _to_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """The segment table, sorted by time (consumes the parts, freeing each column as it goes)."""
+    cols = {}
+    for name, dtype in SEGMENT_COLUMNS.items():
+        cols[name] = np.concatenate([p.pop(name) for p in parts]) if parts else np.empty(0, dtype)
+    df = pd.DataFrame(cols)
     return df.sort_values("ts", kind="stable", ignore_index=True)

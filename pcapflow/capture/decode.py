@@ -10,9 +10,8 @@ import struct
 from array import array
 
 import dpkt
+import numpy as np
 from dpkt import ethernet, ip, ip6, llc, loopback, ppp, pppoe, sll, sll2, tcp
-
-from .limits import Limits
 
 # The segment table: column name -> numpy dtype. One row per TCP segment seen.
 SEGMENT_COLUMNS: dict[str, str] = {
@@ -116,21 +115,21 @@ _TYPECODES = {"int8": "b", "int16": "h", "int32": "i", "int64": "q", "float64": 
 
 
 class Columns:
-    """Append-only column store for segments, turned into a DataFrame at the end.
+    """The reference decoder (dpkt, every link type we know): an append-only column store
+    of segments, turned into numpy arrays by `arrays()`."""
 
-    Keeps at most `limits.max_segments` segments of at most `limits.max_connections` 4-tuples;
-    past a cap, `add` returns the cap's skip reason.
-    """
-
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self) -> None:
         self.cols: dict[str, array | list] = {
             name: array(_TYPECODES[dtype]) if dtype in _TYPECODES else []
             for name, dtype in SEGMENT_COLUMNS.items()}
-        self.limits = limits or Limits()
-        self.tuples: set[tuple] = set()
 
     def __len__(self) -> int:
         return len(self.cols["ts"])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The columns as numpy arrays (consumes them, freeing each as it goes)."""
+        return {name: np.asarray(self.cols.pop(name), dtype=dtype)
+                for name, dtype in SEGMENT_COLUMNS.items()}
 
     def add(self, capture: int, frame: int, ts: float, linktype: int, data: bytes,
             framelen: int) -> str | None:
@@ -193,14 +192,6 @@ class Columns:
                     wscale = val[0]
                 elif kind == tcp.TCP_OPT_SACKOK:
                     sackok = True
-        if len(self) >= self.limits.max_segments:
-            return "segment_cap"
-        ends = (pkt.src, seg.sport, pkt.dst, seg.dport)
-        key = ends if ends[:2] <= ends[2:] else ends[2:] + ends[:2]  # either direction
-        if key not in self.tuples:
-            if len(self.tuples) >= self.limits.max_connections:
-                return "connection_cap"
-            self.tuples.add(key)
         payload = seg.data
         http = None
         if payload and payload.startswith(HTTP_STARTS):

@@ -13,9 +13,10 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from io import BufferedReader
 from typing import BinaryIO
 
 import dpkt
@@ -134,11 +135,22 @@ def open_capture(path: str | os.PathLike | BinaryIO) -> Iterator[tuple[BinaryIO,
         yield raw, name, None
 
 
+_BROKEN = (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError, ZstdError)
+
+
 def read_exact(f: BinaryIO, n: int) -> bytes:
     """Read n bytes, fewer only at the end of the stream (or where decompression failed)."""
     try:
         return f.read(n)
-    except (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError, ZstdError) as e:
+    except _BROKEN as e:
+        raise _Cut(f"compressed stream broken ({e})") from None
+
+
+def read_piece(f: BufferedReader, n: int) -> bytes:
+    """Read up to n bytes with at most one read below the buffer; b"" at the end."""
+    try:
+        return f.read1(n)
+    except _BROKEN as e:
         raise _Cut(f"compressed stream broken ({e})") from None
 
 
@@ -146,36 +158,36 @@ class _Cut(Exception):
     """The stream ended or broke inside a record."""
 
 
-def records(f: BinaryIO, info: CaptureInfo, supported: Container[int]) -> Iterator[Record]:
-    """Yield every frame of a pcap or pcapng stream, noting a cut in `info.truncated`.
-
-    Raises CaptureError when no interface of the file has a link type in `supported`.
-    """
+def framer_for(f: BinaryIO, info: CaptureInfo, supported: Container[int]) -> PcapFramer | PcapngFramer:
+    """Recognise the format by its first bytes and read the file header."""
     try:
         head = read_exact(f, 4)
     except _Cut as cut:
         raise CaptureError(f"{info.path}: {cut}") from None
-    links: list[int] = []
     if head in PCAP_MAGICS:
         info.format = "pcap"
-        gen = _pcap_records(f, head, info, links, supported)
-    elif head == PCAPNG_MAGIC:
+        return PcapFramer(f, head, info, supported)
+    if head == PCAPNG_MAGIC:
         info.format = "pcapng"
-        gen = _pcapng_records(f, head, info, links)
-    elif not head:
+        return PcapngFramer(head, info)
+    if not head:
         raise CaptureError(f"{info.path}: empty file")
-    else:
-        raise CaptureError(f"{info.path}: not a pcap or pcapng file (starts with {head.hex()})")
+    raise CaptureError(f"{info.path}: not a pcap or pcapng file (starts with {head.hex()})")
+
+
+@contextmanager
+def cut_noted(info: CaptureInfo, framer, pending: Callable[[], int]) -> Iterator[None]:
+    """Turn a cut inside the stream into `info.truncated` (an error if nothing was readable);
+    `pending()` tells how many frames were read but not yet counted in `info.packets`."""
     try:
-        yield from gen
+        yield
     except _Cut as cut:
-        if not links:  # nothing readable at all, like a cut pcap global header
+        if not framer.links:  # nothing readable at all, like a cut pcap global header
             raise CaptureError(f"{info.path}: cut short before any interface was described ({cut})") from None
-        info.truncated = f"{cut} after packet {info.packets}"
-    _check_links(info, links, supported)
+        info.truncated = f"{cut} after packet {info.packets + pending()}"
 
 
-def _check_links(info: CaptureInfo, links: list[int], supported: Container[int]) -> None:
+def check_links(info: CaptureInfo, links: list[int], supported: Container[int]) -> None:
     """A file none of whose link types we decode is an input error, not a file of skipped frames."""
     if links and not any(lt in supported for lt in links):
         names = ", ".join(f"{linktype_name(lt)} ({lt})" for lt in dict.fromkeys(links))
@@ -183,91 +195,119 @@ def _check_links(info: CaptureInfo, links: list[int], supported: Container[int])
         raise CaptureError(f"{info.path}: unsupported link type{plural} {names}")
 
 
-def _pcap_records(f: BinaryIO, magic: bytes, info: CaptureInfo, links: list[int],
-                  supported: Container[int]) -> Iterator[Record]:
-    order, ticks = PCAP_MAGICS[magic]
-    rest = read_exact(f, 20)
-    if len(rest) < 20:
-        raise CaptureError(f"{info.path}: pcap global header cut short ({4 + len(rest)} of 24 bytes)")
-    hdr = (pcap.LEFileHdr if order == "<" else pcap.FileHdr)(magic + rest)
-    linktype = hdr.linktype & 0xFFFF  # upper bits: FCS length and flags (RFC draft pcap 4)
-    _new_link(info, links, linktype)
-    _check_links(info, links, supported)
-    rec = struct.Struct(order + "IIII")
-    while True:
+MAX_CAPLEN = 1 << 24
+
+
+class PcapFramer:
+    """pcap: one global header, then (16-byte header, frame) records."""
+
+    def __init__(self, f: BinaryIO, magic: bytes, info: CaptureInfo, supported: Container[int]):
+        self.order, self.ticks = PCAP_MAGICS[magic]
+        rest = read_exact(f, 20)
+        if len(rest) < 20:
+            raise CaptureError(f"{info.path}: pcap global header cut short ({4 + len(rest)} of 24 bytes)")
+        hdr = (pcap.LEFileHdr if self.order == "<" else pcap.FileHdr)(magic + rest)
+        self.linktype = hdr.linktype & 0xFFFF  # upper bits: FCS length and flags (RFC draft pcap 4)
+        self.snaplen = hdr.snaplen
+        self.links: list[int] = []
+        _new_link(info, self.links, self.linktype)
+        check_links(info, self.links, supported)
+        self.rec = struct.Struct(self.order + "IIII")
+
+    def corrupt(self, caplen: int) -> _Cut | None:
+        if caplen > max(self.snaplen, 262144) or caplen > MAX_CAPLEN:
+            return _Cut(f"record length {caplen} beyond snaplen {self.snaplen}: corrupt record")
+        return None
+
+    def next(self, f: BinaryIO) -> Record | None:
         h = read_exact(f, 16)
         if not h:
-            return
+            return None
         if len(h) < 16:
             raise _Cut(f"record header cut short ({len(h)} of 16 bytes)")
-        sec, frac, caplen, wirelen = rec.unpack(h)
-        if caplen > max(hdr.snaplen, 262144) or caplen > 1 << 24:
-            raise _Cut(f"record length {caplen} beyond snaplen {hdr.snaplen}: corrupt record")
+        sec, frac, caplen, wirelen = self.rec.unpack(h)
+        if (cut := self.corrupt(caplen)) is not None:
+            raise cut
         data = read_exact(f, caplen)
         if len(data) < caplen:
             raise _Cut(f"record cut short ({len(data)} of {caplen} bytes)")
-        yield Record((sec * ticks + frac) / ticks, linktype, data, wirelen)
+        return Record((sec * self.ticks + frac) / self.ticks, self.linktype, data, wirelen)
 
 
-def _pcapng_records(f: BinaryIO, magic: bytes, info: CaptureInfo,
-                    links: list[int]) -> Iterator[Record]:
-    """Walk pcapng blocks; every section may redefine byte order and interfaces."""
-    interfaces: list[tuple[int, int, int]] = []  # (linktype, ts ticks per second, ts offset)
-    order = "<"
-    head = magic
-    while True:
+class PcapngFramer:
+    """pcapng: blocks; every section may redefine byte order and interfaces."""
+
+    def __init__(self, magic: bytes, info: CaptureInfo):
+        self.info = info
+        self.interfaces: list[tuple[int, int, int]] = []  # (linktype, ticks per second, offset)
+        self.version = 0  # changes with the interfaces
+        self.order = "<"
+        self.head: bytes | None = magic  # the first block's type, already read
+        self.links: list[int] = []
+
+    def next(self, f: BinaryIO) -> Record | str | None:
+        """The next frame (or a skip reason), None at the end."""
+        while (out := self.block(f)) is not None:
+            if out is not NO_FRAME:
+                return out
+        return None
+
+    def block(self, f: BinaryIO):
+        """Read one block: a Record, a skip reason, NO_FRAME (no packet in it) or None at the end."""
+        head, self.head = self.head, None
         if head is None:
             head = read_exact(f, 4)
             if not head:
-                return
+                return None
         rest = read_exact(f, 8)
         if len(head) + len(rest) < 12:
             raise _Cut("block header cut short")
         if head == PCAPNG_MAGIC:
-            order = "<" if rest[4:8] == b"\x4d\x3c\x2b\x1a" else ">"
+            self.order = "<" if rest[4:8] == b"\x4d\x3c\x2b\x1a" else ">"
             if rest[4:8] not in (b"\x4d\x3c\x2b\x1a", b"\x1a\x2b\x3c\x4d"):
-                raise CaptureError(f"{info.path}: pcapng section header with unknown byte order")
-            interfaces = []
+                raise CaptureError(f"{self.info.path}: pcapng section header with unknown byte order")
+            self.interfaces = []
+            self.version += 1
+        order = self.order
         (btype,) = struct.unpack(order + "I", head)
         (blen,) = struct.unpack(order + "I", rest[:4])
-        if blen < 12 or blen % 4 or blen > 1 << 26:
+        if blen < 12 or blen % 4 or blen > MAX_BLOCK:
             raise _Cut(f"pcapng block of impossible length {blen}")
         body = read_exact(f, blen - 12)
         if len(body) < blen - 12:
             raise _Cut(f"pcapng block cut short ({len(body) + 12} of {blen} bytes)")
         buf = head + rest + body
-        head = None
         le = order == "<"
         try:
             if btype == pcapng.PCAPNG_BT_IDB:
-                if len(interfaces) == MAX_INTERFACES:
+                if len(self.interfaces) == MAX_INTERFACES:
                     raise _Cut(f"more than {MAX_INTERFACES:,} interfaces in one section")
-                interfaces.append(_interface(pcapng.InterfaceDescriptionBlockLE(buf) if le
-                                             else pcapng.InterfaceDescriptionBlock(buf), order))
-                _new_link(info, links, interfaces[-1][0])
+                self.interfaces.append(_interface(pcapng.InterfaceDescriptionBlockLE(buf) if le
+                                                  else pcapng.InterfaceDescriptionBlock(buf), order))
+                self.version += 1
+                _new_link(self.info, self.links, self.interfaces[-1][0])
             elif btype in (pcapng.PCAPNG_BT_EPB, pcapng.PCAPNG_BT_PB):
                 if btype == pcapng.PCAPNG_BT_EPB:
                     b = pcapng.EnhancedPacketBlockLE(buf) if le else pcapng.EnhancedPacketBlock(buf)
-                    iface = b.iface_id
                 else:
                     b = pcapng.PacketBlockLE(buf) if le else pcapng.PacketBlock(buf)
-                    iface = b.iface_id
-                if iface >= len(interfaces):
-                    info.packets += 1
-                    info.skip("no_interface")
-                    continue
-                lt, ticks, off = interfaces[iface]
+                if b.iface_id >= len(self.interfaces):
+                    return "no_interface"
+                lt, ticks, off = self.interfaces[b.iface_id]
                 ts = (off * ticks + ((b.ts_high << 32) | b.ts_low)) / ticks
-                yield Record(ts, lt, bytes(b.pkt_data), b.pkt_len)
+                return Record(ts, lt, bytes(b.pkt_data), b.pkt_len)
             elif btype == pcapng.PCAPNG_BT_SPB:
-                if not interfaces:
-                    info.packets += 1
-                    info.skip("no_interface")
-                    continue
+                if not self.interfaces:
+                    return "no_interface"
                 (wirelen,) = struct.unpack(order + "I", buf[8:12])
-                yield Record(float("nan"), interfaces[0][0], buf[12:12 + min(wirelen, blen - 16)], wirelen)
+                return Record(float("nan"), self.interfaces[0][0], buf[12:12 + min(wirelen, blen - 16)], wirelen)
         except (dpkt.UnpackError, ValueError, struct.error, IndexError):
             raise _Cut(f"corrupt pcapng block type {btype:#x}") from None
+        return NO_FRAME
+
+
+NO_FRAME = object()  # what PcapngFramer.block returns for a block that carries no packet
+MAX_BLOCK = 1 << 26
 
 
 def _new_link(info: CaptureInfo, links: list[int], linktype: int) -> None:
