@@ -253,9 +253,15 @@ def _position(stream, done: int) -> tuple[int, int]:
 
 
 def _to_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    """The segment table, sorted by time (consumes the parts, freeing each column as it goes)."""
+    """The segment table, in time order (stable: frames of one instant stay in reading order).
+
+    Built a column at a time, each chunk's copy freed as its column is made, so the peak
+    stays near one table's size.
+    """
+    ts = np.concatenate([p["ts"] for p in parts]) if parts else np.empty(0)
+    order = np.argsort(ts, kind="stable")
     cols = {}
     for name, dtype in SEGMENT_COLUMNS.items():
-        cols[name] = np.concatenate([p.pop(name) for p in parts]) if parts else np.empty(0, dtype)
-    df = pd.DataFrame(cols)
-    return df.sort_values("ts", kind="stable", ignore_index=True)
+        col = np.concatenate([p.pop(name) for p in parts]) if parts else np.empty(0, dtype)
+        cols[name] = col[order]
+    return pd.DataFrame(cols)
