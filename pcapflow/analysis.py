@@ -1,8 +1,11 @@
 """The Analysis object users hold: captures -> segments -> connections -> events -> tables."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -23,6 +26,7 @@ from .teardown import Flow, Params, reconstruct
 from .zeek import zeek_fields
 
 SCHEMA = "pcapflow/1"
+JSON_BATCH = 1000  # records encoded per json.dumps call
 CONNECTION_COLUMNS = """conn_id client_ip client_port server_ip server_port roles_inferred
 incarnation first_ts last_ts handshake vantage close_type active_closer client_state_end
 server_state_end client_fin_ts server_fin_ts client_fin_retransmits server_fin_retransmits
@@ -37,6 +41,19 @@ zeek_conn_state zeek_history orig_pkts resp_pkts orig_bytes resp_bytes""".split(
 EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
 SIDE_NAMES = ("client", "server")
 FLOW_FIELDS = ["ts", "d", "seq", "ack", "flags", "plen", "win", "ipid", "ttl", "tsval", "dsack", "http"]
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cycle collector: the analysis makes millions of small lists, dicts and
+    records (none in a cycle that outlives it), and each collection would walk them all."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class Analysis:
@@ -144,15 +161,14 @@ class Analysis:
             self.write_json(fh)
         return None
 
+    @_gc_paused()
     def write_json(self, fh) -> None:
-        """Stream the document record by record, never holding it whole in memory."""
-        dump = functools.partial(json.dumps, separators=(",", ":"), default=_json_default,
-                                 allow_nan=False)
-        fh.write(f'{{"schema":{dump(SCHEMA)},"captures":{dump([asdict(c) for c in self.captures])}')
+        """Stream the document a batch of records at a time, never holding its text whole."""
+        fh.write(f'{{"schema":{_dump(SCHEMA)},"captures":{_dump([asdict(c) for c in self.captures])}')
         for name, df in self._tables():
             fh.write(f',"{name}":[')
-            for k, rec in enumerate(_records(df)):
-                fh.write(("," if k else "") + dump(rec))
+            for k, batch in enumerate(_batches(_records(df), JSON_BATCH)):
+                fh.write(("," if k else "") + _dump(batch)[1:-1])  # a list's items, without [ ]
             fh.write("]")
         fh.write("}\n")
 
@@ -185,11 +201,31 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+_dump = functools.partial(json.dumps, separators=(",", ":"), default=_json_default, allow_nan=False,
+                          check_circular=False)  # table cells hold no reference cycles
+
+
+def _batches(items, n: int):
+    """Lists of n items (the last one shorter)."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
 def _records(df: pd.DataFrame):
     """Rows as dicts of plain Python values, NaN as None."""
     cols = list(df.columns)
-    for row in zip(*(df[c].tolist() for c in cols)):
-        yield {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in zip(cols, row)}
+    values = [_plain(df[c]) for c in cols]
+    for row in zip(*values):
+        yield dict(zip(cols, row))
+
+
+def _plain(col: pd.Series) -> list:
+    """A column's values as plain Python, NaN as None."""
+    values = col.tolist()
+    if not col.hasnans:
+        return values
+    return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
 
 
 def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
@@ -212,6 +248,7 @@ def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
                  progress=analysis_progress)
 
 
+@_gc_paused()
 def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
           capture_end: float | None = None,
           progress: Callable[[int, int], None] | None = None) -> Analysis:
@@ -226,17 +263,17 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         if len(seg):
             capture_end = max(capture_end, float(seg["ts"].max()))
     seg = seg.sort_values(["conn", "ts"], kind="stable", ignore_index=True)
-    flows = _flows(seg[~seg["dup"]])
     wire = _flows(seg)  # Zeek counts every captured packet, duplicates included
+    flows = _flows(seg[~seg["dup"]]) if seg["dup"].any() else wire
     vantages = _vantages(conns, flows)
-    inferred = conns.set_index("conn_id")["roles_inferred"]
+    inferred = dict(zip(conns["conn_id"].tolist(), conns["roles_inferred"].tolist()))
     rows, events, endpoints = [], [], {}
     for n, (cid, flow) in enumerate(flows.items(), 1):
         if progress is not None and (n % 2000 == 0 or n == len(flows)):
             progress(n, len(flows))
         v = vantages[cid]
         res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
-        rows.append({"conn_id": cid, "first_ts": float(flow.ts[0]), "last_ts": float(flow.ts[-1]),
+        rows.append({"conn_id": cid, "first_ts": flow.ts[0], "last_ts": flow.ts[-1],
                      **res.row, **zeek_fields(wire[cid], bool(inferred[cid]))})
         endpoints[cid] = res.endpoints
         events += [(cid, t, SIDE_NAMES[s], kind, a, b, d) for t, s, kind, a, b, d in res.events]
@@ -263,16 +300,18 @@ def _flows(seg: pd.DataFrame) -> dict[int, Flow]:
     if seg.empty:
         return {}
     conn = seg["conn"].to_numpy()
-    bounds = np.flatnonzero(np.diff(conn)) + 1
-    arrays = {k: seg[{"d": "dir"}.get(k, k)].to_numpy() for k in FLOW_FIELDS}
-    return {int(conn[a]): Flow(**{k: v[a:b] for k, v in arrays.items()})
-            for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(seg)]]))}
+    bounds = (np.flatnonzero(np.diff(conn)) + 1).tolist()
+    columns = {k: seg[{"d": "dir"}.get(k, k)].to_numpy().tolist() for k in FLOW_FIELDS}
+    conn = conn.tolist()
+    return {conn[a]: Flow(**{k: v[a:b] for k, v in columns.items()})
+            for a, b in zip([0, *bounds], [*bounds, len(seg)])}
 
 
 def _vantages(conns: pd.DataFrame, flows: dict) -> dict[int, str]:
     """Vantage per connection: handshake timing, else TTLs, else what the same hosts showed."""
     out, local_votes = {}, Counter()
-    for cid, client_ip, server_ip in conns[["conn_id", "client_ip", "server_ip"]].itertuples(index=False):
+    ends = list(zip(*(conns[k].tolist() for k in ("conn_id", "client_ip", "server_ip"))))
+    for cid, client_ip, server_ip in ends:
         f = flows.get(cid)
         if f is None:
             continue
@@ -281,13 +320,11 @@ def _vantages(conns: pd.DataFrame, flows: dict) -> dict[int, str]:
             continue
         v = vt.from_handshake(*handshake_times(f))
         if v is None:
-            c_ttl = f.ttl[f.d == 0]
-            s_ttl = f.ttl[f.d == 1]
-            v = vt.from_ttls(int(c_ttl[0]) if len(c_ttl) else None, int(s_ttl[0]) if len(s_ttl) else None)
+            v = vt.from_ttls(*(next((t for d, t in zip(f.d, f.ttl) if d == s), None) for s in (0, 1)))
         out[cid] = v
         if v in ("client", "server"):
             local_votes[client_ip if v == "client" else server_ip] += 1
-    for cid, client_ip, server_ip in conns[["conn_id", "client_ip", "server_ip"]].itertuples(index=False):
+    for cid, client_ip, server_ip in ends:
         if out.get(cid) is None:
             c, s = local_votes[client_ip], local_votes[server_ip]
             out[cid] = "client" if c > s else "server" if s > c else "unknown"
@@ -302,35 +339,40 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
     b = table["server_ip"] + "|" + table["server_port"].astype(str)
     table["_key"] = np.where(a < b, a + "/" + b, b + "/" + a)  # whichever side is client
     pairs = table.sort_values(["_key", "incarnation"], kind="stable")
-    same = pairs["_key"].to_numpy()[1:] == pairs["_key"].to_numpy()[:-1]
+    keys = pairs["_key"].to_numpy()
+    label = pairs.index.tolist()
+    conn_id, client, tw_start, tw_end = (pairs[c].tolist() for c in (
+        "conn_id", "client_ip", "time_wait_start", "time_wait_end"))
+    client = list(zip(client, pairs["client_port"].tolist()))
     updates, events = {}, []
-    for old, new in zip(pairs.iloc[:-1][same].itertuples(), pairs.iloc[1:][same].itertuples()):
-        fnew = flows[new.conn_id]
-        syn = np.flatnonzero((fnew.flags & (SYN | ACK)) == SYN)
-        t = float(fnew.ts[syn[0]]) if len(syn) else None
-        if t is None:
+    for old in np.flatnonzero(keys[1:] == keys[:-1]).tolist():  # the next row is the same 4-tuple's
+        new = old + 1
+        fnew, fold = flows[conn_id[new]], flows[conn_id[old]]
+        syn = next((i for i, fl in enumerate(fnew.flags) if fl & (SYN | ACK) == SYN), None)
+        if syn is None:
             continue
-        reset = _old_reset_by_new_syn(flows[old.conn_id], t)
+        t = fnew.ts[syn]
+        reset = _old_reset_by_new_syn(fold, t)
         if reset is not None:  # RFC 9293 3.10.7.4: the old socket answered the SYN with an ACK
-            events.append((new.conn_id, t, "client", "SYN", "SYN_SENT", "SYN_SENT",
-                           (f"met connection {old.conn_id} still alive on the peer: its ACK "
+            events.append((conn_id[new], t, "client", "SYN", "SYN_SENT", "SYN_SENT",
+                           (f"met connection {conn_id[old]} still alive on the peer: its ACK "
                            f"answered, the client reset it at +{reset - t:.3f} s, SYN retried")))
-        if pd.isna(old.time_wait_start) or t >= old.time_wait_end:
+        if pd.isna(tw_start[old]) or t >= tw_end[old]:
             continue
-        gap = round(t - old.time_wait_start, 6)
-        check, signature = _reuse_check(flows[old.conn_id], fnew, old, new, syn[0])
-        updates[new.Index] = {"reused_4tuple": True, "reuse_gap_s": gap, "reuse_check": check,
-                              "reuse_isn_signature": signature}
-        events.append((new.conn_id, t, "client", "TW_REUSE", "SYN_SENT", "SYN_SENT",
-                       f"{gap:.3f} s after TIME_WAIT began on connection {old.conn_id}; {check}"
+        gap = round(t - tw_start[old], 6)
+        check, signature = _reuse_check(fold, fnew, 0 if client[old] == client[new] else 1, syn)
+        updates[label[new]] = {"reused_4tuple": True, "reuse_gap_s": gap, "reuse_check": check,
+                               "reuse_isn_signature": signature}
+        events.append((conn_id[new], t, "client", "TW_REUSE", "SYN_SENT", "SYN_SENT",
+                       f"{gap:.3f} s after TIME_WAIT began on connection {conn_id[old]}; {check}"
                        + ("; ISN = old snd.nxt + 65537 (Linux reused the slot)" if signature else "")))
         for s, side in enumerate(("client", "server")):
-            moved = endpoints[old.conn_id][s].handle(tcpstate.TW_REPLACED, t)
+            moved = endpoints[conn_id[old]][s].handle(tcpstate.TW_REPLACED, t)
             if moved:
-                updates.setdefault(old.Index, {}).update(
+                updates.setdefault(label[old], {}).update(
                     {f"{side}_state_end": moved[1], "time_wait_end": t})
-                events.append((old.conn_id, t, side, "STATE", *moved,
-                               f"TIME_WAIT taken over by connection {new.conn_id}"))
+                events.append((conn_id[old], t, side, "STATE", *moved,
+                               f"TIME_WAIT taken over by connection {conn_id[new]}"))
     table = table.drop(columns="_key")
     fields = pd.DataFrame.from_dict(updates, orient="index")
     for col, default in (("reused_4tuple", False), ("reuse_gap_s", None), ("reuse_check", None),
@@ -346,39 +388,36 @@ def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFr
 def _old_reset_by_new_syn(fold: Flow, t: float) -> float | None:
     """When the client reset the old connection after the peer answered the new SYN (at t)
     with an ACK of the old one, else None."""
-    later = fold.ts >= t
-    answered = later & (fold.d == 1) & ((fold.flags & (SYN | RST | ACK)) == ACK)
-    if not answered.any():
+    rows = list(zip(fold.ts, fold.d, fold.flags))
+    answered = next((ts for ts, d, fl in rows if ts >= t and d == 1 and fl & (SYN | RST | ACK) == ACK),
+                    None)
+    if answered is None:
         return None
-    since = fold.ts >= fold.ts[np.argmax(answered)]
-    rst = np.flatnonzero(since & (fold.d == 0) & ((fold.flags & RST) != 0))
-    return float(fold.ts[rst[0]]) if len(rst) else None
+    return next((ts for ts, d, fl in rows if ts >= answered and d == 0 and fl & RST), None)
 
 
-def _reuse_check(fold: Flow, fnew: Flow, old, new, k: int) -> tuple[str, bool]:
+def _reuse_check(fold: Flow, fnew: Flow, same_dir: int, k: int) -> tuple[str, bool]:
     """isn_higher / timestamp_newer / unsafe (RFC 6191), and whether an ISN is exactly the old
-    snd.nxt + 65537 (Linux tcp_timewait_state_process reusing a TIME_WAIT slot)."""
-    same_dir = 0 if (old.client_ip, old.client_port) == (new.client_ip, new.client_port) else 1
-    mine = fold.d == same_dir
-    old_end = _seq_end(fold, mine)
-    isn = int(fnew.seq[k])
+    snd.nxt + 65537 (Linux tcp_timewait_state_process reusing a TIME_WAIT slot). `same_dir`:
+    the old connection's side (0 client, 1 server) that sent the new SYN; k: that SYN's row."""
+    old_end = _seq_end(fold, same_dir)
+    isn = fnew.seq[k]
     signature = old_end is not None and isn == (old_end + 65537) % MOD
-    synack = np.flatnonzero((fnew.flags & (SYN | ACK)) == SYN | ACK)
-    if len(synack):
-        old_srv_end = _seq_end(fold, ~mine)
-        signature |= old_srv_end is not None and int(fnew.seq[synack[0]]) == (old_srv_end + 65537) % MOD
+    synack = next((i for i, fl in enumerate(fnew.flags) if fl & (SYN | ACK) == SYN | ACK), None)
+    if synack is not None:
+        old_srv_end = _seq_end(fold, 1 - same_dir)
+        signature |= old_srv_end is not None and fnew.seq[synack] == (old_srv_end + 65537) % MOD
     if old_end is not None and after(isn, old_end):
         return "isn_higher", bool(signature)
-    old_ts = fold.tsval[mine]
-    old_ts = old_ts[old_ts >= 0]
-    if fnew.tsval[k] >= 0 and len(old_ts) and after(int(fnew.tsval[k]), int(old_ts.max())):
+    old_ts = [ts for d, ts in zip(fold.d, fold.tsval) if d == same_dir and ts >= 0]
+    if fnew.tsval[k] >= 0 and old_ts and after(fnew.tsval[k], max(old_ts)):
         return "timestamp_newer", bool(signature)
     return "unsafe", bool(signature)
 
 
-def _seq_end(f: Flow, mask: np.ndarray) -> int | None:
-    if not mask.any():
+def _seq_end(f: Flow, d: int) -> int | None:
+    """Sequence number after side d's last segment, None if it sent none."""
+    last = next((i for i in reversed(range(len(f))) if f.d[i] == d), None)
+    if last is None:
         return None
-    seq, plen, fl = f.seq[mask], f.plen[mask], f.flags[mask]
-    ends = (seq + plen + ((fl & (SYN | FIN)) > 0)) % MOD
-    return int(ends[-1])
+    return (f.seq[last] + f.plen[last] + (1 if f.flags[last] & (SYN | FIN) else 0)) % MOD

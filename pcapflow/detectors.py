@@ -7,15 +7,15 @@ automaton. Kernel facts are from Linux (see TEARDOWN.md); each says where it app
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import pairwise
 
-import numpy as np
-
 from .seq import ACK, FIN, HALF, MOD, RST, SYN
 
 SIDES = ("client", "server")
+WHO = {None: "none", 0: "client", 1: "server", 2: "both"}  # a side, or both
 MISSED_FIN_MARGIN = 1.0  # s: far beyond a round trip, so a peer segment sent later saw the FIN
 
 
@@ -32,7 +32,7 @@ class Context:
         """When side 1-s received side s's FIN, as far as the capture can prove it."""
         f, fin = self.f, self.sides[s].fin
         if 1 - s in self.local:
-            return float(f.ts[fin.tx[0]])
+            return f.ts[fin.tx[0]]
         if not fin.acks:
             return None
         proof = fin.acks[0]
@@ -40,11 +40,15 @@ class Context:
         # that followed the copy which got through.
         copy = max(i for i in fin.tx if i < proof) if fin.tx[0] < proof else fin.tx[0]
         later = [i for i in range(copy + 1, proof) if f.d[i] == s and i not in fin.tx]
-        return float(f.ts[later[0]] if later else f.ts[proof])
+        return f.ts[later[0]] if later else f.ts[proof]
 
     @cached_property
     def handshake(self) -> tuple[int | None, int | None, int | None]:
         return handshake_rows(self.f)
+
+    @cached_property
+    def closing(self) -> tuple[int | None, int | None]:
+        return closers(self)
 
     def giveup(self, s: int) -> dict | None:
         if s not in self._giveups:
@@ -56,8 +60,8 @@ class Context:
         the FIN's last transmission (a round trip could not explain it) that does not ack it."""
         f, fin = self.f, self.sides[s].fin
         late = f.ts[fin.tx[-1]] + MISSED_FIN_MARGIN
-        later = (f.d == 1 - s) & (f.ts > late) & ((f.flags & RST) == 0)
-        return bool(later.any())
+        return any(d == 1 - s and t > late and not fl & RST
+                   for t, d, fl in zip(f.ts, f.d, f.flags))
 
     def fin_ack_received_at(self, s: int) -> tuple[float, int] | None:
         """When side s received the peer's ACK of its FIN: the first ACK after its last
@@ -66,27 +70,27 @@ class Context:
         last_tx = self.f.ts[fin.tx[-1]]
         for i in fin.acks:
             if self.f.ts[i] >= last_tx:
-                return float(self.f.ts[i]), i
+                return self.f.ts[i], i
         return None
 
 
 def handshake_rows(f) -> tuple[int | None, int | None, int | None]:
     """Rows of (the last SYN before the SYN-ACK, the first SYN-ACK, the client's ACK of it)."""
-    fl = f.flags
-    synack = np.flatnonzero(((fl & (SYN | ACK)) == (SYN | ACK)) & (f.d == 1))
-    if not len(synack):
+    rows = range(len(f))
+    k = next((i for i in rows if f.d[i] == 1 and f.flags[i] & (SYN | ACK) == SYN | ACK), None)
+    if k is None:
         return None, None, None
-    k = int(synack[0])
-    syn = np.flatnonzero(((fl[:k] & (SYN | ACK)) == SYN) & (f.d[:k] == 0))
-    isn = int(f.seq[k])
+    syn = next((i for i in reversed(rows[:k]) if f.d[i] == 0 and f.flags[i] & (SYN | ACK) == SYN),
+               None)
+    isn = f.seq[k]
     # any client ACK at or beyond isn + 1 proves the SYN-ACK arrived (data may come first)
-    ack = np.flatnonzero((f.d[k:] == 0) & ((fl[k:] & (SYN | RST | ACK)) == ACK)
-                         & ((f.ack[k:] - isn - 1) % MOD < HALF))
-    return (int(syn[-1]) if len(syn) else None, k, k + int(ack[0]) if len(ack) else None)
+    ack = next((i for i in rows[k:] if f.d[i] == 0 and f.flags[i] & (SYN | RST | ACK) == ACK
+                and (f.ack[i] - isn - 1) % MOD < HALF), None)
+    return syn, k, ack
 
 
 def handshake_times(f) -> tuple[float | None, float | None, float | None]:
-    return tuple(None if i is None else float(f.ts[i]) for i in handshake_rows(f))
+    return tuple(None if i is None else f.ts[i] for i in handshake_rows(f))
 
 
 def handshake(c: Context) -> str:
@@ -104,14 +108,14 @@ def fin_giveup(c: Context, s: int) -> dict | None:  # memoised as Context.giveup
     fin = side.fin
     if fin is None or len(fin.tx) < 2 or c.fin_ack_received_at(s) is not None:
         return None
-    last = float(c.f.ts[fin.tx[-1]])
-    gap = last - float(c.f.ts[fin.tx[-2]])
-    silent_until = float(c.f.ts[side.rst[0]]) if side.rst and c.f.ts[side.rst[0]] > last \
+    last = c.f.ts[fin.tx[-1]]
+    gap = last - c.f.ts[fin.tx[-2]]
+    silent_until = c.f.ts[side.rst[0]] if side.rst and c.f.ts[side.rst[0]] > last \
         else c.capture_end  # a later RST from a socket already gone (no socket: bare RST)
     if silent_until < last + 2 * gap * 1.1 + 0.05:
         return None  # the next retransmission could still have come
     return {"at": last + 2 * gap,
-            "retries": orphan_retries_estimate([float(c.f.ts[i]) for i in fin.tx])}
+            "retries": orphan_retries_estimate([c.f.ts[i] for i in fin.tx])}
 
 
 def backoff(c: Context, s: int) -> list[float]:
@@ -119,8 +123,7 @@ def backoff(c: Context, s: int) -> list[float]:
     fin = c.sides[s].fin
     if fin is None:
         return []
-    t = c.f.ts[fin.tx]
-    return [round(float(x), 6) for x in np.diff(t)]
+    return [round(c.f.ts[b] - c.f.ts[a], 6) for a, b in pairwise(fin.tx)]
 
 
 def has_tail_loss_probe(intervals: list[float]) -> bool:
@@ -176,8 +179,8 @@ def rst_kind(c: Context) -> str | None:
     if me.keepalives and me.keepalives[-1] < i and (
             not peer.keepalive_acks or peer.keepalive_acks[-1] < me.keepalives[-1]):
         return "keepalive_timeout"
-    ttls = f.ttl[(f.d == s) & ((f.flags & RST) == 0)]
-    if len(ttls) >= 2 and (ttls == ttls[0]).all() and abs(int(f.ttl[i]) - int(ttls[0])) > 1:
+    ttls = [ttl for d, fl, ttl in zip(f.d, f.flags, f.ttl) if d == s and not fl & RST]
+    if len(ttls) >= 2 and ttls.count(ttls[0]) == len(ttls) and abs(f.ttl[i] - ttls[0]) > 1:
         return "other"
     if (me.fin is not None and me.fin.tx[0] < i) or not f.flags[i] & ACK:
         return "reply_to_closed"
@@ -200,7 +203,7 @@ def fin_wait2_expiry(c: Context, s: int) -> float | None:
     trigger = [i for i in range(acked[1] + 1, r) if f.d[i] == 1 - s]
     if not trigger:
         return None
-    t = float(f.ts[trigger[0]])
+    t = f.ts[trigger[0]]
     if f.flags[trigger[0]] & FIN or t - acked[0] >= c.params.fin_timeout:
         return min(acked[0] + c.params.fin_timeout, t)
     return None
@@ -217,12 +220,12 @@ def time_wait(c: Context, ends) -> dict:
             continue
         start = ep.times[ep.states.index("TIME_WAIT")]
         peer_fin = c.sides[1 - s].fin
-        later_tx = [float(f.ts[i]) for i in peer_fin.tx if f.ts[i] > start]
+        later_tx = [f.ts[i] for i in peer_fin.tx if f.ts[i] > start]
         reacks = [i for i in peer_fin.acks
                   if f.ts[i] > start and any(t <= f.ts[i] for t in later_tx)]
-        own_acks = [float(f.ts[i]) for i in peer_fin.acks if f.ts[i] >= start]
+        own_acks = [f.ts[i] for i in peer_fin.acks if f.ts[i] >= start]
         last = max(own_acks, default=start)
-        out["reacks"] += [(float(f.ts[i]), s, (f"2MSL restarts, TIME_WAIT now ends "
+        out["reacks"] += [(f.ts[i], s, (f"2MSL restarts, TIME_WAIT now ends "
                            f"{2 * c.params.msl:.0f} s after this")) for i in reacks]
         out["restarts"] += len(reacks)
         end = out["ends"][s] = last + 2 * c.params.msl
@@ -236,14 +239,14 @@ def time_wait(c: Context, ends) -> dict:
 def keepalive_events(c: Context) -> list[tuple]:
     ev = []
     for s in (0, 1):
-        ev += [(float(c.f.ts[i]), s, "KEEPALIVE", f"seq {int(c.f.seq[i])}, {int(c.f.plen[i])} bytes")
+        ev += [(c.f.ts[i], s, "KEEPALIVE", f"seq {c.f.seq[i]}, {c.f.plen[i]} bytes")
                for i in c.sides[s].keepalives]
-        ev += [(float(c.f.ts[i]), s, "KEEPALIVE_ACK", "") for i in c.sides[s].keepalive_acks]
+        ev += [(c.f.ts[i], s, "KEEPALIVE_ACK", "") for i in c.sides[s].keepalive_acks]
     return ev
 
 
 def half_close_events(c: Context) -> list[tuple]:
-    return [(float(c.f.ts[side.first_data_after_peer_fin]), s, "DATA_AFTER_FIN",
+    return [(c.f.ts[side.first_data_after_peer_fin], s, "DATA_AFTER_FIN",
              f"{side.after_peer_fin} bytes after the {SIDES[1 - s]} FIN in all")
             for s, side in enumerate(c.sides) if side.first_data_after_peer_fin is not None]
 
@@ -280,7 +283,7 @@ def losses(c: Context) -> list[dict]:
     the capture point; otherwise the FIN copy itself was lost after the capture point.
     A FIN whose IPv4 ID jumps over unseen IDs was preceded by copies lost before it.
     """
-    active, passive = closers(c)
+    active, passive = c.closing
     if active is None:
         return []
     if active == 2:
@@ -306,19 +309,19 @@ def _fin_losses(c: Context, s: int):
     for k in range(1, len(tx)):
         prev_t, t = f.ts[tx[k - 1]], f.ts[tx[k]]
         acked_between = [i for i in fin.acks if prev_t <= f.ts[i] < t]
-        nxt = f.ts[tx[k + 1]] if k + 1 < len(tx) else np.inf
+        nxt = f.ts[tx[k + 1]] if k + 1 < len(tx) else math.inf
         answer = [i for i in fin.acks if t <= f.ts[i] < nxt]
         if acked_between:
-            found.append(("ack", "after_capture", float(f.ts[acked_between[0]])))
+            found.append(("ack", "after_capture", f.ts[acked_between[0]]))
         elif answer and f.dsack[answer[0]]:
-            found.append(("ack", "before_capture", float(prev_t)))
+            found.append(("ack", "before_capture", prev_t))
         else:
-            found.append(("fin", "after_capture", float(prev_t)))
+            found.append(("fin", "after_capture", prev_t))
     if c.giveup(s) is not None:
-        found.append(("fin", "after_capture", float(f.ts[tx[-1]])))
+        found.append(("fin", "after_capture", f.ts[tx[-1]]))
     gap = _ipid_gap(c, s)
     if gap:
-        found += [("fin", "before_capture", float(f.ts[tx[0]]))] * gap
+        found += [("fin", "before_capture", f.ts[tx[0]])] * gap
     merged: dict[tuple, list] = {}
     for kind, pos, t in found:
         merged.setdefault((kind, pos), []).append(t)
@@ -333,13 +336,14 @@ def _ipid_gap(c: Context, s: int) -> int:
     i = fin.tx[0]
     if s in c.local or f.ipid[i] <= 0:
         return 0
-    ids = f.ipid[:i][f.d[:i] == s].astype(np.int64)
-    if len(ids) < 3 or ((np.diff(ids) % 65536) != 1).any():
+    rows = [j for j in range(i) if f.d[j] == s]
+    ids = [f.ipid[j] for j in rows]
+    if len(ids) < 3 or any((b - a) % 65536 != 1 for a, b in pairwise(ids)):
         return 0
-    j = np.flatnonzero(f.d[:i] == s)[-1]
-    if (int(f.seq[j]) + int(f.plen[j])) % MOD != int(f.seq[i]):
+    j = rows[-1]
+    if (f.seq[j] + f.plen[j]) % MOD != f.seq[i]:
         return 0
-    gap = (int(f.ipid[i]) - int(ids[-1]) - 1) % 65536
+    gap = (f.ipid[i] - ids[-1] - 1) % 65536
     return gap if 0 < gap <= 16 else 0
 
 
@@ -356,7 +360,7 @@ def close_type(c: Context) -> str:
         return "fin_then_reset" if first_fin is not None and first_fin < rsts[0] else "reset"
     if not any(fins):
         return "open"
-    active, passive = closers(c)
+    active, passive = c.closing
     if c.giveup(0) or c.giveup(1):
         return "abandoned"
     if all(fins):
@@ -377,73 +381,75 @@ def connection_fields(c: Context, ends, rst: str | None, tw: dict, loss: list[di
     """The SPEC's teardown columns for one connection."""
     f, sides = c.f, c.sides
     giveups = [c.giveup(s) for s in (0, 1)]
-    active, _ = closers(c)
+    active, _ = c.closing
+    backoffs = [backoff(c, 0), backoff(c, 1)]
     rst_sides = [s for s in (0, 1) if sides[s].rst]
-    fins_ts = [float(f.ts[sides[s].fin.tx[0]]) if sides[s].fin else None for s in (0, 1)]
+    fins_ts = [f.ts[sides[s].fin.tx[0]] if sides[s].fin else None for s in (0, 1)]
     teardown_rows = [i for s in (0, 1) for i in sides[s].rst]
     for s in (0, 1):
         if sides[s].fin:
             teardown_rows += sides[s].fin.tx + sides[s].fin.acks
     start_td = min((f.ts[i] for i in teardown_rows), default=None)
-    end = c.capture_end
-
-    def time_in(s: int, state: str) -> float | None:
-        ep = ends[s]
-        total, seen = 0.0, False
-        for k, st in enumerate(ep.states):
-            if st == state:
-                seen = True
-                until = ep.times[k + 1] if k + 1 < len(ep.times) else end
-                total += until - ep.times[k]
-        return round(total, 6) if seen else None
+    spent = [_time_in(ep, c.capture_end) for ep in ends]
 
     lost_waves = sorted({x["wave"] for x in loss})
     row = {
         "handshake": handshake(c),
         "vantage": vantage,
         "close_type": close_type(c),
-        "active_closer": {None: "none", 0: "client", 1: "server", 2: "both"}[active],
+        "active_closer": WHO[active],
         "client_state_end": ends[0].state,
         "server_state_end": ends[1].state,
         "client_fin_ts": fins_ts[0], "server_fin_ts": fins_ts[1],
         "client_fin_retransmits": len(sides[0].fin.tx) - 1 if sides[0].fin else 0,
         "server_fin_retransmits": len(sides[1].fin.tx) - 1 if sides[1].fin else 0,
-        "client_fin_backoff": backoff(c, 0), "server_fin_backoff": backoff(c, 1),
-        "fin_rto_estimate": rto_estimate(backoff(c, active if active in (0, 1) else 0)),
-        "fin_backoff_exponential": is_exponential(backoff(c, active if active in (0, 1) else 0)),
+        "client_fin_backoff": backoffs[0], "server_fin_backoff": backoffs[1],
+        "fin_rto_estimate": rto_estimate(backoffs[active if active in (0, 1) else 0]),
+        "fin_backoff_exponential": is_exponential(backoffs[active if active in (0, 1) else 0]),
         "orphan_retries_estimate": next((g["retries"] for g in giveups if g), None),
         "lost_waves": lost_waves,
         "losses": [{"wave": x["wave"], "count": x["count"], "position": x["position"]}
                    for x in sorted(loss, key=lambda x: (x["wave"], x["position"]))],
-        "rst_by": {(): "none", (0,): "client", (1,): "server", (0, 1): "both"}[tuple(rst_sides)],
+        "rst_by": WHO[rst_sides[0] if len(rst_sides) == 1 else 2 if rst_sides else None],
         "rst_kind": rst,
-        "time_wait_side": {None: "none", 0: "client", 1: "server", 2: "both"}[tw["side"]],
+        "time_wait_side": WHO[tw["side"]],
         "time_wait_start": tw["start"], "time_wait_end": tw["end"],
         "time_wait_restarts": tw["restarts"],
         "half_close_bytes": max((sd.after_peer_fin for sd in sides), default=0),
-        "close_wait_s": _max_none(time_in(0, "CLOSE_WAIT"), time_in(1, "CLOSE_WAIT")),
-        "fin_wait2_s": _max_none(time_in(0, "FIN_WAIT_2"), time_in(1, "FIN_WAIT_2")),
+        "close_wait_s": _longest(spent, "CLOSE_WAIT"),
+        "fin_wait2_s": _longest(spent, "FIN_WAIT_2"),
         "fin_wait2_timeout": any(fin_wait2_expiry(c, s) is not None for s in (0, 1)),
         "client_keepalives": len(sides[0].keepalives),
         "server_keepalives": len(sides[1].keepalives),
-        "unanswered_keepalives": sum(_unanswered(sides[s], sides[1 - s]) for s in (0, 1)),
-        "teardown_s": (round(float(max(f.ts[i] for i in teardown_rows) - start_td), 6)
+        "unanswered_keepalives": _unanswered(sides[0], sides[1]) + _unanswered(sides[1], sides[0]),
+        "teardown_s": (round(max(f.ts[i] for i in teardown_rows) - start_td, 6)
                        if teardown_rows else None),
         "packets": len(f),
         "client_bytes": sides[0].bytes, "server_bytes": sides[1].bytes,
-        "client_last_data_ts": _last(f.ts[(f.d == 0) & (f.plen > 0)]),
+        "client_last_data_ts": next((t for t, d, plen in zip(reversed(f.ts), reversed(f.d),
+                                                              reversed(f.plen)) if d == 0 and plen), None),
     }
     return row
+
+
+def _time_in(ep, end: float) -> dict[str, float]:
+    """Seconds an endpoint spent in each state it was in (the last one until `end`)."""
+    out: dict[str, float] = {}
+    for k, st in enumerate(ep.states):
+        until = ep.times[k + 1] if k + 1 < len(ep.times) else end
+        out[st] = out.get(st, 0.0) + (until - ep.times[k])
+    return out
+
+
+def _longest(spent: list[dict], state: str) -> float | None:
+    """The longer of both sides' time in `state`, None if neither was in it."""
+    return _max_none(*(round(d[state], 6) if state in d else None for d in spent))
 
 
 def _unanswered(prober, peer) -> int:
     """Keepalive probes sent after the peer's last answer."""
     last_answer = peer.keepalive_acks[-1] if peer.keepalive_acks else -1
     return sum(i > last_answer for i in prober.keepalives)
-
-
-def _last(ts: np.ndarray) -> float | None:
-    return float(ts[-1]) if len(ts) else None
 
 
 def _max_none(a, b):

@@ -42,14 +42,16 @@ def _close_causes(conns: pd.DataFrame) -> pd.Series:
     limit = int(mode.iloc[0]) if len(mode) and (multi == mode.iloc[0]).sum() >= 3 else None
     idle = conns["server_fin_ts"] - conns["client_last_data_ts"]
     causes = []
-    for r, gap in zip(conns.itertuples(), idle):
-        if r.http_requests == 0 or r.http_cut:
+    http = (conns[c].tolist() for c in ("http_requests", "http_cut", "http_request_close",
+                                         "http10", "http_response_close"))
+    for requests, cut, request_close, http10, response_close, gap in zip(*http, idle):
+        if requests == 0 or cut:
             causes.append("unknown")
-        elif r.http_request_close or r.http10:
+        elif request_close or http10:
             causes.append("Connection: close")
-        elif limit is not None and r.http_requests == limit:
+        elif limit is not None and requests == limit:
             causes.append(f"request limit ({limit} requests)")
-        elif r.http_response_close:
+        elif response_close:
             causes.append("Connection: close")
         elif pd.notna(gap) and gap >= 0.2:
             causes.append("idle timeout")

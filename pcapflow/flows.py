@@ -8,6 +8,8 @@ never open a new record.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -27,8 +29,8 @@ def mark_duplicates(seg: pd.DataFrame) -> np.ndarray:
     """
     if seg.empty:
         return np.zeros(0, dtype=bool)
-    order = seg.sort_values(DUP_KEY + ["ts"], kind="stable").index.to_numpy()
-    s = seg.loc[order]
+    s = seg[DUP_KEY + ["ts"]].sort_values(DUP_KEY + ["ts"], kind="stable")
+    order = s.index.to_numpy()
     same = np.ones(len(s), dtype=bool)
     for col in DUP_KEY:
         v = s[col].to_numpy()
@@ -59,8 +61,8 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     codes = pd.factorize(np.concatenate([seg["src"].to_numpy(), seg["dst"].to_numpy()]))[0]
     a = (codes[:n].astype(np.int64) << 16) | seg["sport"].to_numpy()
     b = (codes[n:].astype(np.int64) << 16) | seg["dport"].to_numpy()
-    group = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0,
-                      return_inverse=True)[1].ravel()
+    pair = pd.factorize(np.minimum(a, b))[0] * n + pd.factorize(np.maximum(a, b))[0]  # < n * n
+    group = pd.factorize(pair)[0]
     seg["_group"] = group
     inc = np.zeros(n, dtype=np.int64)
     flags = seg["flags"].to_numpy()
@@ -68,14 +70,14 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     syn_keys = seg.loc[is_syn, ["_group", "src", "sport", "seq"]].drop_duplicates()
     multi = syn_keys.groupby("_group").size()
     multi = multi[multi > 1].index.to_numpy()
-    if len(multi):
-        order = np.argsort(group, kind="stable")  # each group's rows, in time order
-        starts = np.searchsorted(group[order], multi)
-        stops = np.searchsorted(group[order], multi, side="right")
-        cols = [seg[k].to_numpy() for k in ("src", "sport", "seq", "ack", "flags", "plen")]
-        for lo, hi in zip(starts, stops):
-            rows = order[lo:hi]
-            inc[rows] = _split_incarnations(*(v[rows] for v in cols))
+    if len(multi):  # only 4-tuples with more than one SYN can hold more than one incarnation
+        rows = np.flatnonzero(np.isin(group, multi))
+        rows = rows[np.argsort(group[rows], kind="stable")]  # each group's rows, in time order
+        bounds = (np.flatnonzero(np.diff(group[rows])) + 1).tolist()
+        cols = [v[rows].tolist() for v in (a, seg["seq"].to_numpy(), seg["ack"].to_numpy(), flags,
+                                           seg["plen"].to_numpy())]
+        inc[rows] = [k for lo, hi in zip([0, *bounds], [*bounds, len(rows)])
+                     for k in _split_incarnations(*(v[lo:hi] for v in cols))]
     seg["_inc"] = inc
     conns = _roles(seg)
     at = pd.MultiIndex.from_arrays([conns["_group"], conns["_inc"]]).get_indexer(
@@ -89,48 +91,55 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return seg, conns
 
 
-def _split_incarnations(*columns: np.ndarray) -> np.ndarray:
-    """Number the incarnations inside one 4-tuple's segments, given its src, sport, seq,
-    ack, flags and plen arrays in time order."""
-    out = np.zeros(len(columns[0]), dtype=np.int64)
-    incs: list[dict] = []  # each: {"syn": (endpoint, isn), "hi": {endpoint: next seq}}
-    for i, (src, sport, seq, ack, flags, plen) in enumerate(zip(*(c.tolist() for c in columns))):
-        ep = (src, sport)
-        if flags & (SYN | ACK) == SYN and (not incs or all(x["syn"] != (ep, seq) for x in incs)):
-            incs.append({"syn": (ep, seq), "hi": {}})
+@dataclass(slots=True)
+class _Incarnation:
+    syn: tuple[int, int] | None  # (side, ISN) of the SYN that opened it
+    hi: list  # per side (0: the 4-tuple's first sender): next sequence number, None if unseen
+
+
+def _split_incarnations(ep: list[int], seq: list[int], ack: list[int], flags: list[int],
+                        plen: list[int]) -> list[int]:
+    """Number the incarnations inside one 4-tuple's segments, given in time order each one's
+    sending endpoint (any code, one per ip:port), seq, ack, flags and plen."""
+    out = []
+    incs: list[_Incarnation] = []
+    syns = set()
+    for e, s, a, fl, n in zip(ep, seq, ack, flags, plen):
+        side = 0 if e == ep[0] else 1
+        if fl & (SYN | ACK) == SYN and (side, s) not in syns:
+            syns.add((side, s))
+            incs.append(_Incarnation((side, s), [None, None]))
             k = len(incs) - 1
         elif not incs:
-            incs.append({"syn": None, "hi": {}})
+            incs.append(_Incarnation(None, [None, None]))
             k = 0
         else:
-            k = _best_fit(incs, ep, seq, ack, flags)
-        x = incs[k]
-        end = (seq + plen + (1 if flags & (SYN | FIN) else 0)) % MOD
-        old = x["hi"].get(ep)
-        if old is None or after(end, old):
-            x["hi"][ep] = end
-        out[i] = k
+            k = _best_fit(incs, side, s, a, fl)
+        hi = incs[k].hi
+        end = (s + n + (1 if fl & (SYN | FIN) else 0)) % MOD
+        if hi[side] is None or after(end, hi[side]):
+            hi[side] = end
+        out.append(k)
     return out
 
 
 UNKNOWN_SPACE = 1 << 16  # cost of a sequence space not seen yet (the new server's, before its SYN-ACK)
 
 
-def _best_fit(incs: list[dict], ep, seq: int, ack: int, flags: int) -> int:
+def _best_fit(incs: list[_Incarnation], side: int, seq: int, ack: int, flags: int) -> int:
     """The live incarnation whose sequence spaces this segment fits best (latest on a tie);
     a SYN-ACK belongs to the incarnation whose SYN it acknowledges."""
     if flags & (SYN | ACK) == SYN | ACK:
         for k in range(len(incs) - 1, -1, -1):
-            syn = incs[k]["syn"]
-            if syn is not None and syn[0] != ep and (syn[1] + 1) % MOD == ack:
+            syn = incs[k].syn
+            if syn is not None and syn[0] != side and (syn[1] + 1) % MOD == ack:
                 return k
     best, best_score = len(incs) - 1, None
     for k in range(len(incs) - 1, max(len(incs) - 3, -1), -1):
-        hi = incs[k]["hi"]
-        score = distance(seq, hi[ep]) if ep in hi else UNKNOWN_SPACE
-        peers = [v for e, v in hi.items() if e != ep]
+        mine, peer = incs[k].hi[side], incs[k].hi[1 - side]
+        score = UNKNOWN_SPACE if mine is None else distance(seq, mine)
         if flags & ACK:
-            score += distance(ack, peers[0]) if peers else UNKNOWN_SPACE
+            score += UNKNOWN_SPACE if peer is None else distance(ack, peer)
         if best_score is None or score < best_score:
             best, best_score = k, score
     return best

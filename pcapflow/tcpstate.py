@@ -65,7 +65,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Endpoint:
     """One endpoint's state over time; `state` is the current one."""
 

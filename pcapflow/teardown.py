@@ -7,7 +7,8 @@ for (a FIN seen leaving, never acknowledged) makes the receiver's state UNKNOWN.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import itemgetter
 
 import numpy as np
 
@@ -30,28 +31,35 @@ class Params:
     close_wait_threshold: float = 10.0  # s in CLOSE_WAIT that is a leak whatever the port's habit
 
 
-@dataclass
+@dataclass(slots=True)
 class Flow:
-    """A connection's segments (duplicates removed) as arrays in time order; d: 0 client, 1 server."""
+    """A connection's segments (duplicates removed) in time order, one list per column;
+    d: 0 client, 1 server. Arrays given are turned into lists: a connection has a few dozen
+    segments, which plain Python reads faster than numpy calls on tiny arrays."""
 
-    ts: np.ndarray
-    d: np.ndarray
-    seq: np.ndarray
-    ack: np.ndarray
-    flags: np.ndarray
-    plen: np.ndarray
-    win: np.ndarray
-    ipid: np.ndarray
-    ttl: np.ndarray
-    tsval: np.ndarray
-    dsack: np.ndarray
-    http: np.ndarray
+    ts: list[float]
+    d: list[int]
+    seq: list[int]
+    ack: list[int]
+    flags: list[int]
+    plen: list[int]
+    win: list[int]
+    ipid: list[int]
+    ttl: list[int]
+    tsval: list[int]
+    dsack: list[bool]
+    http: list  # the payload's HTTP start (str), else None or NaN
+
+    def __post_init__(self):
+        if isinstance(self.ts, np.ndarray):  # columns of a segment table
+            for col in fields(self):
+                setattr(self, col.name, getattr(self, col.name).tolist())
 
     def __len__(self) -> int:
         return len(self.ts)
 
 
-@dataclass
+@dataclass(slots=True)
 class Fin:
     """One side's FIN: the sequence number it occupies, its transmissions, the peer's ACKs of it."""
 
@@ -60,7 +68,7 @@ class Fin:
     acks: list[int] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class Side:
     """What one side sent, as row indices into the Flow."""
 
@@ -80,10 +88,9 @@ def collect(f: Flow) -> tuple[Side, Side]:
     """One pass over the segments: SYNs, FINs and their ACKs, RSTs, keepalives, byte counts."""
     sides = (Side(), Side())
     last_win = [-1, -1]
-    for i in range(len(f)):
-        d = int(f.d[i])
+    for i, (t, d, fl, seq, ack, plen, win) in enumerate(zip(f.ts, f.d, f.flags, f.seq, f.ack,
+                                                            f.plen, f.win)):
         me, peer = sides[d], sides[1 - d]
-        fl, seq, plen = int(f.flags[i]), int(f.seq[i]), int(f.plen[i])
         me.packets += 1
         me.bytes += plen
         if fl & SYN:
@@ -93,10 +100,10 @@ def collect(f: Flow) -> tuple[Side, Side]:
         end = (seq + plen + (1 if fl & (SYN | FIN) else 0)) % MOD
         if (not fl & (SYN | FIN | RST) and plen <= 1 and me.snd_end is not None
                 and (seq + 1) % MOD == me.snd_end and last_win[1 - d] != 0
-                and (plen == 0 or f.ts[i] - f.ts[max(i - 1, 0)] > 1.0)):
+                and (plen == 0 or t - f.ts[max(i - 1, 0)] > 1.0)):
             me.keepalives.append(i)  # seq = snd.una - 1: RFC 9293 3.8.4, Linux tcp_write_wakeup
         elif (peer.keepalives and not fl & (SYN | FIN | RST) and plen == 0
-              and peer.snd_end is not None and int(f.ack[i]) == peer.snd_end
+              and peer.snd_end is not None and ack == peer.snd_end
               and (not me.keepalive_acks or me.keepalive_acks[-1] < peer.keepalives[-1])):
             me.keepalive_acks.append(i)
         if fl & FIN:
@@ -112,11 +119,11 @@ def collect(f: Flow) -> tuple[Side, Side]:
             if new and me.first_data_after_peer_fin is None:
                 me.first_data_after_peer_fin = i
             me.after_peer_fin += new
-        if fl & ACK and peer.fin is not None and at_or_after(int(f.ack[i]), (peer.fin.seq + 1) % MOD):
+        if fl & ACK and peer.fin is not None and at_or_after(ack, (peer.fin.seq + 1) % MOD):
             peer.fin.acks.append(i)
         if not fl & RST and (me.snd_end is None or after(end, me.snd_end)):
             me.snd_end = end
-        last_win[d] = int(f.win[i])
+        last_win[d] = win
     return sides
 
 
@@ -139,7 +146,7 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
         inputs.append((float(ts), order, side, event, kind, detail))
 
     ends = (Endpoint(), Endpoint())
-    first = float(f.ts[0])
+    first = f.ts[0]
     if sides[0].syn and not (f.flags[sides[0].syn[0]] & ACK):
         for n, i in enumerate(sides[0].syn):
             if n == 0:
@@ -157,10 +164,11 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
             if est is not None:
                 put(f.ts[est], 1, tcpstate.RECV_ACK_OF_SYN, "ESTABLISHED")
         else:
-            acks = np.flatnonzero((f.d == 0) & ((f.flags & (SYN | RST | ACK)) == ACK))
-            if len(acks):  # the client acknowledges a SYN-ACK the capture did not see
-                ends[1].start("SYN_RECEIVED", float(f.ts[sides[0].syn[0]]))
-                t = f.ts[acks[0]]
+            ack = next((i for i, (d, fl) in enumerate(zip(f.d, f.flags))
+                        if d == 0 and fl & (SYN | RST | ACK) == ACK), None)
+            if ack is not None:  # the client acknowledges a SYN-ACK the capture did not see
+                ends[1].start("SYN_RECEIVED", f.ts[sides[0].syn[0]])
+                t = f.ts[ack]
                 put(t, 0, tcpstate.RECV_SYNACK, "ESTABLISHED", "SYN-ACK not captured", order=0)
                 put(t, 1, tcpstate.RECV_ACK_OF_SYN, "ESTABLISHED", order=0)
     else:  # the capture began mid-connection
@@ -188,7 +196,7 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
         acked = c.fin_ack_received_at(s)
         if acked is not None:
             put(acked[0], s, tcpstate.RECV_ACK_OF_FIN, "STATE", f"{SIDES[1 - s]} ACK of FIN received", order=1)
-            events.append((f.ts[fin.acks[0]], 1 - s, "ACK_OF_FIN", f"ack {int(f.ack[fin.acks[0]])}"))
+            events.append((f.ts[fin.acks[0]], 1 - s, "ACK_OF_FIN", f"ack {f.ack[fin.acks[0]]}"))
         giveup = c.giveup(s)
         if giveup is not None:
             put(giveup["at"], s, tcpstate.RETRIES_EXHAUSTED, "STATE",
@@ -208,7 +216,7 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
             else:
                 put(f.ts[i], 1 - s, tcpstate.RECV_RST, "STATE", f"{SIDES[s]} RST received", order=3)
 
-    inputs.sort(key=lambda x: (x[0], x[1]))
+    inputs.sort(key=itemgetter(0, 1))  # by time, then order
     rows = []
     for t, _, s, event, kind, detail in inputs:
         moved = ends[s].handle(event, t)
@@ -230,7 +238,7 @@ def reconstruct(f: Flow, vantage: str, local: frozenset[int], capture_end: float
     for loss in losses:
         rows.append((loss["ts"], loss["side"], "LOSS", "", "", (f"wave {loss['wave']} lost "
                      f"{loss['position'].replace('_', ' ')}")))
-    rows.sort(key=lambda r: r[0])
+    rows.sort(key=itemgetter(0))
 
     row = det.connection_fields(c, ends, rst_kind, tw, losses, vantage)
     row.update(http_fields(f))

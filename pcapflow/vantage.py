@@ -6,6 +6,7 @@ round trips) and TTLs (a segment seen on its sender's own host still has an init
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 INITIAL_TTLS = {32, 64, 128, 255}
@@ -40,6 +41,7 @@ def from_ttls(client_ttl: int | None, server_ttl: int | None) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # asked once per connection, of few distinct pairs
 def is_loopback(client_ip: str, server_ip: str) -> bool:
     return client_ip == server_ip or ipaddress.ip_address(client_ip).is_loopback
 

@@ -52,7 +52,7 @@ def delta32(a: int, b: int) -> int:
     return (a - b + (1 << 31)) % MOD - (1 << 31)
 
 
-@dataclass
+@dataclass(slots=True)
 class Endpoint:
     """Zeek's TCP_Endpoint, sequence numbers unwrapped to Python ints, plus its reassembler."""
 
@@ -373,13 +373,13 @@ def zeek_fields(f: Flow, roles_inferred: bool) -> dict:
     if not len(f):
         return {"zeek_conn_state": "OTH", "zeek_history": "", "orig_pkts": 0, "resp_pkts": 0,
                 "orig_bytes": None, "resp_bytes": None}
-    first_synack = int(f.flags[0]) & (SYN | ACK) == SYN | ACK
-    c = Conn(flipped=int(f.d[0]) == 1 and (roles_inferred or first_synack))
+    first_synack = f.flags[0] & (SYN | ACK) == SYN | ACK
+    c = Conn(flipped=f.d[0] == 1 and (roles_inferred or first_synack))
     for i, (d, fl, seq, ack, plen, win, t) in enumerate(
             zip(f.d, f.flags, f.seq, f.ack, f.plen, f.win, f.ts)):
-        if i and c.removed_before(float(t), int(fl), int(seq)):
+        if i and c.removed_before(t, fl, seq):
             break
-        c.packet(float(t), int(d) == 0, int(fl), int(seq), int(ack), int(plen), int(win))
+        c.packet(t, d == 0, fl, seq, ack, plen, win)
     timed = c.last_time > c.start_time
     return {"zeek_conn_state": c.conn_state(), "zeek_history": c.history,
             "orig_pkts": c.pkts[0], "resp_pkts": c.pkts[1],
