@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .analysis import CONNECTION_COLUMNS, EVENT_COLUMNS, build
-from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, read_captures
+from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, read_chunks
 from .capture.files import COMPRESSION_MAGICS, PCAP_MAGICS, PCAPNG_MAGIC
 from .findings import compute_findings
 from .flows import DUP_KEY
@@ -238,24 +238,71 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
 
 
 def _map_file(path: str, out: str, n_parts: int) -> dict:
-    """Read one file: its sha256, accounting and segments, hash-partitioned to `out`/<p>.parquet."""
+    """Read one file: its sha256, accounting and segments, hash-partitioned to `out`/<p>.parquet
+    as they are read (memory bounded by the chunks buffered, not by the file)."""
     rec = {"sha256": None, "error": None, "info": asdict(CaptureInfo(path=path)), "parts": {}}
+    writer = _PartitionWriter(out, n_parts)
     try:
         rec["sha256"] = _sha256(path)
-        seg, (info,) = read_captures(path)
+        (info,) = read_chunks(path, writer.add)
+        rec["parts"] = writer.close()
     except CaptureError as e:
         rec["error"] = str(e).removeprefix(f"{path}: ")  # the files table names the file
         return rec
     except Exception as e:  # noqa: BLE001 - one undecodable file must not sink the archive's batch
         rec["error"] = f"{type(e).__module__}.{type(e).__qualname__}: {e}".removeprefix("builtins.")
         return rec
+    finally:
+        writer.close()
     rec["info"] = asdict(info)
-    if len(seg):
-        os.makedirs(out, exist_ok=True)
-        for p, part in seg.groupby(_partition(seg, n_parts), sort=True):
-            rec["parts"][int(p)] = os.path.join(out, f"{p}.parquet")
-            part.to_parquet(rec["parts"][int(p)], index=False)
     return rec
+
+
+# The segment table in Parquet, one schema for every row group whatever a chunk holds
+_TYPES = {"object": pa.string(), "bool": pa.bool_()}
+SEGMENT_SCHEMA = pa.schema([
+    (name, pa.list_(pa.list_(pa.int64())) if name == "sack" else _TYPES.get(dtype) or pa.from_numpy_dtype(np.dtype(dtype)))
+    for name, dtype in SEGMENT_COLUMNS.items()])
+BUFFERED_ROWS = 1 << 18  # segments held before they are written out
+
+
+class _PartitionWriter:
+    """Segment chunks -> one Parquet file per partition, written a row group at a time."""
+
+    def __init__(self, out: str, n_parts: int) -> None:
+        self.out, self.n_parts = out, n_parts
+        self.buffers: dict[int, list[pd.DataFrame]] = {}
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.buffered = 0
+
+    def add(self, cols: dict[str, np.ndarray]) -> None:
+        seg = pd.DataFrame(cols)
+        if seg.empty:
+            return
+        for p, part in seg.groupby(_partition(seg, self.n_parts), sort=True):
+            self.buffers.setdefault(int(p), []).append(part)
+        self.buffered += len(seg)
+        if self.buffered >= BUFFERED_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        for p, frames in self.buffers.items():
+            if p not in self.writers:
+                os.makedirs(self.out, exist_ok=True)
+                self.writers[p] = pq.ParquetWriter(os.path.join(self.out, f"{p}.parquet"), SEGMENT_SCHEMA)
+            table = pa.Table.from_pandas(pd.concat(frames, ignore_index=True), SEGMENT_SCHEMA,
+                                         preserve_index=False)
+            self.writers[p].write_table(table)
+        self.buffers, self.buffered = {}, 0
+
+    def close(self) -> dict[int, str]:
+        """Write what is buffered and close: {partition: path}."""
+        self._flush()
+        for w in self.writers.values():
+            w.close()
+        paths = {p: w.where for p, w in sorted(self.writers.items())}
+        self.writers = {}
+        return paths
 
 
 def _sha256(path: str) -> str:

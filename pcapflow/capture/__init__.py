@@ -24,7 +24,7 @@ from .files import CaptureError, CaptureInfo, check_links, cut_noted, framer_for
 from .limits import CAP_REASONS, Limits
 
 __all__ = ["SEGMENT_COLUMNS", "SKIP_REASONS", "CaptureError", "CaptureInfo", "Limits",
-           "read_captures"]
+           "read_captures", "read_chunks"]
 
 Source = str | os.PathLike | BinaryIO
 log = logging.getLogger("pcapflow")
@@ -63,10 +63,22 @@ def read_captures(sources: Source | Iterable[Source],
     environment decide: PCAPFLOW_FAST=0 never, =1 always, unset for inputs of at least
     FAST_MIN_BYTES, in each case only when numba is installed.
     """
+    parts: list[dict[str, np.ndarray]] = []
+    infos = read_chunks(sources, parts.append, progress, limits, fast)
+    return _to_frame(parts), infos
+
+
+def read_chunks(sources: Source | Iterable[Source],
+                consume: Callable[[dict[str, np.ndarray]], None],
+                progress: Callable[[int], None] | None = None,
+                limits: Limits | None = None,
+                fast: bool | None = None) -> list[CaptureInfo]:
+    """Read captures as read_captures does, but hand the segments to `consume` a chunk at a
+    time (columns as in SEGMENT_COLUMNS, in reading order, not yet sorted by time), so that
+    memory does not grow with the input. Returns each input's accounting."""
     if isinstance(sources, (str, os.PathLike)) or hasattr(sources, "read"):
         sources = [sources]
     caps = _Caps(limits or Limits.from_env())
-    parts: list[dict[str, np.ndarray]] = []
     infos: list[CaptureInfo] = []
     for index, source in enumerate(sources):
         with open_capture(source) as (stream, name, compression):
@@ -74,14 +86,14 @@ def read_captures(sources: Source | Iterable[Source],
             infos.append(info)
 
             def finish(chunk: Chunk, info=info) -> None:
-                parts.append(_account(chunk, info, caps))
+                consume(_account(chunk, info, caps))
 
             if _use_fast(fast, source):
                 from .fast import read_fast
                 read_fast(stream, index, info, finish, progress)
             else:
                 _read_one(stream, index, info, finish, progress)
-    return _to_frame(parts), infos
+    return infos
 
 
 def _use_fast(fast: bool | None, source: Source) -> bool:
