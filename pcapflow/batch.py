@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .analysis import CONNECTION_COLUMNS, EVENT_COLUMNS, build
-from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, read_chunks
+from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, Limits, read_chunks
 from .capture.files import COMPRESSION_MAGICS, PCAP_MAGICS, PCAPNG_MAGIC
 from .findings import compute_findings
 from .flows import DUP_KEY
@@ -244,7 +244,8 @@ def _map_file(path: str, out: str, n_parts: int) -> dict:
     writer = _PartitionWriter(out, n_parts)
     try:
         rec["sha256"] = _sha256(path)
-        (info,) = read_chunks(path, writer.add)
+        # no caps: what is read is written out, and partitions bound each reduce's memory
+        (info,) = read_chunks(path, writer.add, limits=Limits.unbounded())
         rec["parts"] = writer.close()
     except CaptureError as e:
         rec["error"] = str(e).removeprefix(f"{path}: ")  # the files table names the file

@@ -215,7 +215,7 @@ class _Caps:
     def apply(self, seg: dict[str, np.ndarray]) -> np.ndarray | None:
         """Codes for these segments (0: kept), or None when all are kept."""
         n = len(seg["ts"])
-        if not n:
+        if not n or self.limits == Limits.unbounded():
             return None
         src, dst = seg["src"], seg["dst"]
         codes, uniques = pd.factorize(np.concatenate([src, dst]))

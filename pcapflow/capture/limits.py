@@ -20,6 +20,7 @@ CAP_REASONS = {
     "connection_cap": "tracked the first {n:,} 4-tuples ({env}); segments of later ones are "
                       "counted as skipped (connection_cap), not analyzed",
 }
+UNBOUNDED = 1 << 62
 ENV = {"segment_cap": "PCAPFLOW_MAX_SEGMENTS", "connection_cap": "PCAPFLOW_MAX_CONNECTIONS"}
 
 
@@ -36,6 +37,11 @@ class Limits:
         d = cls()
         return cls(max_segments=_env_int(ENV["segment_cap"], d.max_segments),
                    max_connections=_env_int(ENV["connection_cap"], d.max_connections))
+
+    @classmethod
+    def unbounded(cls) -> Limits:
+        """No caps: for readers that do not keep what they read (batch's map)."""
+        return cls(max_segments=UNBOUNDED, max_connections=UNBOUNDED)
 
     def message(self, reason: str) -> str:
         n = self.max_segments if reason == "segment_cap" else self.max_connections
