@@ -275,5 +275,6 @@ def _to_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
     cols = {}
     for name, dtype in SEGMENT_COLUMNS.items():
         col = np.concatenate([p.pop(name) for p in parts]) if parts else np.empty(0, dtype)
-        cols[name] = col[order]
+        # object columns stay Python objects: the analysis reads them back as such
+        cols[name] = pd.Series(col[order], dtype=object) if dtype == "object" else col[order]
     return pd.DataFrame(cols)
