@@ -207,8 +207,7 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
     pending = {g: len(members) for g, members in todo.items()}
 
     def finish(g: str) -> None:
-        tables, entries[g] = _merge(g, plans[g], results.pop(g), params)
-        _write_outputs(out_dir, entries[g]["key"], tables)
+        entries[g] = _merge(g, plans[g], results.pop(g), params, out_dir)
 
     for k, fut in enumerate(as_completed(maps), 1):
         g, path = maps[fut]
@@ -223,7 +222,7 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
             parts = [(i, t["parts"][p]) for i, t in enumerate(plan["timeline"]) if p in t["parts"]]
             if parts:
                 fut = pool.submit(_reduce, parts, plan["captures"], params, plan["end"],
-                                  plan["overlapping"])
+                                  plan["overlapping"], os.path.join(tmp, _key(g), f"r{p}"))
                 reduces[fut] = g
                 pending[g] += 1
         if not pending[g]:
@@ -359,8 +358,10 @@ def _plan(group: str, members: list[str], read: dict[str, dict], stats: dict) ->
 
 
 def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: Params,
-            capture_end: float | None, overlapping: frozenset[int]) -> dict:
-    """Analyze one partition: the segments of its 4-tuples from every file of the group."""
+            capture_end: float | None, overlapping: frozenset[int], out: str) -> dict:
+    """Analyze one partition: the segments of its 4-tuples from every file of the group.
+    Its tables go to files under `out` (pickles: exact round trip), to be merged a slice at
+    a time; what comes back is small: each connection's first packet, and counts."""
     frames = []
     for index, path in parts:
         seg = pd.read_parquet(path)
@@ -376,7 +377,14 @@ def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: P
     dropped = seg.loc[repeats, "capture"].value_counts().to_dict()
     a = build(seg[~repeats].reset_index(drop=True), captures, params, capture_end=capture_end)
     first = a.segments.groupby("conn", sort=False)[["ts", "capture", "frame"]].first()
-    return {"connections": a.connections, "events": a.events, "first": first, "dropped": dropped}
+    os.makedirs(out, exist_ok=True)
+    a.connections.to_pickle(os.path.join(out, "connections.pkl"))
+    events = []
+    for k in range(0, max(len(a.events), 1), SPILL_ROWS):
+        events.append(os.path.join(out, f"events.{k}.pkl"))
+        a.events.iloc[k:k + SPILL_ROWS].to_pickle(events[-1])
+    return {"connections": os.path.join(out, "connections.pkl"), "events": events,
+            "first": first, "dropped": dropped}
 
 
 def _repeats(seg: pd.DataFrame, overlapping: frozenset[int]) -> np.ndarray:
@@ -390,29 +398,24 @@ def _repeats(seg: pd.DataFrame, overlapping: frozenset[int]) -> np.ndarray:
     return out
 
 
-def _merge(group: str, plan: dict, results: list[dict], params: Params) -> tuple[dict, dict]:
-    """One group's tables from its partitions: global conn_id in order of first packet
-    (ties: file, then frame, as `analyze` orders them), findings over all connections."""
+def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir: str) -> dict:
+    """Write one group's tables from its partitions: global conn_id in order of first packet
+    (ties: file, then frame, as `analyze` orders them), events merged in time order a slice
+    at a time, findings over all connections. Returns the group's manifest entry."""
     order = pd.concat([r["first"].assign(part=i, local=r["first"].index) for i, r in enumerate(results)],
                       ignore_index=True).sort_values(["ts", "capture", "frame"], kind="stable",
                                                      ignore_index=True)
     ids = {(p, loc): new for new, (p, loc) in enumerate(zip(order["part"], order["local"]))}
-    conns, events = [], []
-    for i, r in enumerate(results):
-        remap = {loc: ids[(i, loc)] for loc in r["first"].index}
-        c = r["connections"].copy()
+    remaps = [{loc: ids[(i, loc)] for loc in r["first"].index} for i, r in enumerate(results)]
+    conns = []
+    for r, remap in zip(results, remaps):
+        c = pd.read_pickle(r["connections"])
         c["conn_id"] = c["conn_id"].map(remap)
         conns.append(c)
-        e = r["events"].copy()
-        e["conn_id"] = e["conn_id"].map(remap)
-        e["detail"] = e["detail"].map(lambda d, m=remap: _renumber_text(d, m))
-        events.append(e)
     if conns:
         connections = pd.concat(conns).set_index("conn_id", drop=False).rename_axis(None).sort_index()
-        events_df = pd.concat(events).sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
     else:
         connections = pd.DataFrame(columns=CONNECTION_COLUMNS)
-        events_df = pd.DataFrame(columns=EVENT_COLUMNS)
     findings = compute_findings(SimpleNamespace(connections=connections, params=params,
                                                 capture_end=plan["end"]))
     dropped: dict[int, int] = {}
@@ -424,12 +427,77 @@ def _merge(group: str, plan: dict, results: list[dict], params: Params) -> tuple
         row["skipped"] = {**row["skipped"], REPEAT: n}
         row["tcp_packets"] -= n
     files = pd.DataFrame([{k: r[k] for k in FILE_COLUMNS} for r in plan["rows"]], columns=FILE_COLUMNS)
-    tables = {"connections": connections, "events": events_df, "findings": findings}
+    key = _key(group)
+    tables = {"connections": connections, "findings": findings}
     for df in tables.values():
         df.insert(0, "group", group)
     tables["files"] = files
-    return tables, {"key": _key(group), "files": plan["manifest"],
-                    "counts": {k: len(tables[k]) for k in ("connections", "events", "findings")}}
+    _write_outputs(out_dir, key, tables)
+    os.makedirs(os.path.join(out_dir, "events"), exist_ok=True)
+    n_events = _write_stream(_events_in_order(results, remaps, group), _output(out_dir, "events", key))
+    return {"key": key, "files": plan["manifest"],
+            "counts": {"connections": len(connections), "events": n_events, "findings": len(findings)}}
+
+
+SPILL_ROWS = 1 << 17  # event rows per spilled slice of a partition
+EVENT_SCHEMA = pa.schema([("group", pa.string()), ("conn_id", pa.int64()), ("ts", pa.float64())]
+                         + [(c, pa.string()) for c in EVENT_COLUMNS[2:]])
+
+
+def _events_in_order(results: list[dict], remaps: list[dict], group: str) -> Iterator[pd.DataFrame]:
+    """Every partition's events (each already in (ts, conn_id) order, which renumbering keeps),
+    merged into slices of the group's (ts, conn_id) order: each round emits what lies before
+    the earliest last time among the slices still coming."""
+
+    def slices(r, remap):
+        for path in r["events"]:
+            e = pd.read_pickle(path)
+            e["conn_id"] = e["conn_id"].map(remap).astype(np.int64)
+            e["detail"] = e["detail"].map(lambda d, m=remap: _renumber_text(d, m))
+            yield e
+
+    streams = [slices(r, remap) for r, remap in zip(results, remaps)]
+    bufs = [pd.DataFrame(columns=EVENT_COLUMNS) for _ in streams]
+    done = [False] * len(streams)
+
+    def extend(i: int) -> None:
+        more = next(streams[i], None)
+        if more is None:
+            done[i] = True
+        else:
+            bufs[i] = pd.concat([bufs[i], more], ignore_index=True) if len(bufs[i]) else more
+
+    while True:
+        for i in range(len(streams)):
+            while not done[i] and not len(bufs[i]):
+                extend(i)
+        lasts = [b["ts"].iloc[-1] for b, d in zip(bufs, done) if not d]
+        if not lasts and not any(len(b) for b in bufs):
+            return
+        cutoff = min(lasts, default=math.inf)  # no stream still coming has anything earlier
+        taken = []
+        for i, b in enumerate(bufs):
+            early = (b["ts"] < cutoff).to_numpy()
+            taken.append(b[early])
+            bufs[i] = b[~early]
+            if not done[i] and len(bufs[i]) and bufs[i]["ts"].iloc[0] == cutoff:
+                extend(i)  # what is left all lies at the cut: the next slice decides
+        out = pd.concat(taken, ignore_index=True)
+        if len(out):
+            out = out.sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
+            out.insert(0, "group", group)
+            yield out
+
+
+def _write_stream(frames: Iterable[pd.DataFrame], path: str) -> int:
+    """Event slices into one Parquet file (its row groups); returns the rows written."""
+    n = 0
+    with pq.ParquetWriter(path + ".tmp", EVENT_SCHEMA) as writer:
+        for df in frames:
+            writer.write_table(pa.Table.from_pandas(df, EVENT_SCHEMA, preserve_index=False))
+            n += len(df)
+    os.replace(path + ".tmp", path)
+    return n
 
 
 CONNECTION_REF = re.compile(r"\bconnection (\d+)")
