@@ -19,10 +19,12 @@ import numba
 import numpy as np
 
 from . import Chunk, ReferenceChunk, _position, factorize_rows
-from .decode import HTTP_STARTS, LINK_LAYERS, SEGMENT_COLUMNS
+from .decode import DECODE_BYTES, HTTP_HEAD_BYTES, HTTP_STARTS, LINK_LAYERS, SEGMENT_COLUMNS
 from .files import (
     MAX_BLOCK,
+    MAX_CAPLEN,
     NO_FRAME,
+    SNAPLEN_FLOOR,
     CaptureInfo,
     PcapngFramer,
     Record,
@@ -42,7 +44,12 @@ dport seq ack flags win plen ipid ttl mss wscale sackok nsack dsack tsval tsecr 
 s0 s1 s2 s3 s4 s5 s6 s7""".split()
 F = {name: k for k, name in enumerate(FIELDS)}
 # the same indices as module constants, which numba compiles in
-(I_FALLBACK, I_AT, I_CAPLEN, I_TSRAW, I_TICKS, I_WIRELEN, I_LINKTYPE, I_IPVER, I_SRC_HI, I_SRC_LO, I_DST_HI, I_DST_LO, I_SPORT, I_DPORT, I_SEQ, I_ACK, I_FLAGS, I_WIN, I_PLEN, I_IPID, I_TTL, I_MSS, I_WSCALE, I_SACKOK, I_NSACK, I_DSACK, I_TSVAL, I_TSECR, I_HTTP_AT, I_HTTP_END, I_S0, I_S1, I_S2, I_S3, I_S4, I_S5, I_S6, I_S7) = range(len(FIELDS))
+(
+    I_FALLBACK, I_AT, I_CAPLEN, I_TSRAW, I_TICKS, I_WIRELEN, I_LINKTYPE, I_IPVER, I_SRC_HI,
+    I_SRC_LO, I_DST_HI, I_DST_LO, I_SPORT, I_DPORT, I_SEQ, I_ACK, I_FLAGS, I_WIN, I_PLEN,
+    I_IPID, I_TTL, I_MSS, I_WSCALE, I_SACKOK, I_NSACK, I_DSACK, I_TSVAL, I_TSECR, I_HTTP_AT,
+    I_HTTP_END, I_S0, I_S1, I_S2, I_S3, I_S4, I_S5, I_S6, I_S7,
+) = range(len(FIELDS))
 _PREFIXES = np.zeros((len(HTTP_STARTS), 8), dtype=np.uint8)
 _PREFIX_LEN = np.array([len(p) for p in HTTP_STARTS], dtype=np.int64)
 for _k, _p in enumerate(HTTP_STARTS):
@@ -77,7 +84,7 @@ def _u64(b, i):
 @numba.njit(cache=True)
 def _decode(b, s, caplen, lt, o, r, prefixes, prefix_len):
     """Decode the frame b[s:s+caplen] into o[:, r]; False when the reference must do it."""
-    end = s + min(caplen, 65536)
+    end = s + min(caplen, DECODE_BYTES)
     if lt == 1:
         if s + 14 > end:
             return False
@@ -207,7 +214,7 @@ def _decode(b, s, caplen, lt, o, r, prefixes, prefix_len):
                     break
             if same:
                 o[I_HTTP_AT, r] = ps
-                o[I_HTTP_END, r] = min(ipend, ps + 512)
+                o[I_HTTP_END, r] = min(ipend, ps + HTTP_HEAD_BYTES)
                 break
     return True
 
@@ -243,7 +250,7 @@ def _scan(b, pos, stop, pcapng, little, lt, ticks, snaplen, if_lt, if_ticks, if_
             if pos + 16 > stop:
                 return r, pos, NEED_MORE
             caplen = _u32x(b, pos + 8, little)
-            if caplen > max(snaplen, 262144) or caplen > 1 << 24:
+            if caplen > max(snaplen, SNAPLEN_FLOOR) or caplen > MAX_CAPLEN:
                 return r, pos, CORRUPT
             if pos + 16 + caplen > stop:
                 return r, pos, NEED_MORE
@@ -415,11 +422,11 @@ def _chunk(buf: np.ndarray, o: np.ndarray, index: int, state: dict) -> Chunk:
                                             bytes(raw[at:at + caplen]), int(o[F["wirelen"], r])))
         extra = ref.chunk()
         code[slow] = extra.code
-        segments = _merge(segments, extra.segments)
+        segments = _in_frame_order(segments, extra.segments)
     return Chunk(ts, code, segments)
 
 
-def _merge(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _in_frame_order(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Two sets of segment rows as one, in frame order."""
     order = np.argsort(np.concatenate([a["frame"], b["frame"]]), kind="stable")
     return {k: np.concatenate([a[k], b[k]])[order] for k in a}

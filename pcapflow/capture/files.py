@@ -196,6 +196,7 @@ def check_links(info: CaptureInfo, links: list[int], supported: Container[int]) 
 
 
 MAX_CAPLEN = 1 << 24
+SNAPLEN_FLOOR = 262144  # a record up to this long is fine whatever the header's snaplen says
 
 
 class PcapFramer:
@@ -215,7 +216,7 @@ class PcapFramer:
         self.rec = struct.Struct(self.order + "IIII")
 
     def corrupt(self, caplen: int) -> _Cut | None:
-        if caplen > max(self.snaplen, 262144) or caplen > MAX_CAPLEN:
+        if caplen > max(self.snaplen, SNAPLEN_FLOOR) or caplen > MAX_CAPLEN:
             return _Cut(f"record length {caplen} beyond snaplen {self.snaplen}: corrupt record")
         return None
 
