@@ -5,13 +5,13 @@ import contextlib
 import functools
 import gc
 import io
-import itertools
 import json
 import math
 import os
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from json.encoder import encode_basestring_ascii
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,6 @@ from .teardown import Flow, Params, reconstruct
 from .zeek import zeek_fields
 
 SCHEMA = "pcapflow/1"
-JSON_BATCH = 1000  # records encoded per json.dumps call
 CONNECTION_COLUMNS = """conn_id client_ip client_port server_ip server_port roles_inferred
 incarnation first_ts last_ts handshake vantage close_type active_closer client_state_end
 server_state_end client_fin_ts server_fin_ts client_fin_retransmits server_fin_retransmits
@@ -66,13 +65,19 @@ class Analysis:
     def __init__(self, segments: pd.DataFrame, captures: list[CaptureInfo],
                  connections: pd.DataFrame, events: pd.DataFrame, params: Params,
                  endpoints: dict):
-        self.segments = segments
+        self._segments = segments  # conn, dir and dup assigned, rows in any order
         self.captures = captures
         self.connections = connections
         self.events = events
         self.params = params
         self._endpoints = endpoints  # conn_id -> (client Endpoint, server Endpoint)
         self._findings: pd.DataFrame | None = None
+
+    @functools.cached_property
+    def segments(self) -> pd.DataFrame:
+        """The segment table, sorted by (conn, ts) when first asked for: the JSON and CSV
+        tables never need that copy of it."""
+        return self._segments.sort_values(["conn", "ts"], kind="stable", ignore_index=True)
 
     @property
     def capture_end(self) -> float | None:
@@ -167,8 +172,8 @@ class Analysis:
         fh.write(f'{{"schema":{_dump(SCHEMA)},"captures":{_dump([asdict(c) for c in self.captures])}')
         for name, df in self._tables():
             fh.write(f',"{name}":[')
-            for k, batch in enumerate(_batches(_records(df), JSON_BATCH)):
-                fh.write(("," if k else "") + _dump(batch)[1:-1])  # a list's items, without [ ]
+            for k, text in enumerate(_json_rows(df)):
+                fh.write(("," if k else "") + text)
             fh.write("]")
         fh.write("}\n")
 
@@ -205,19 +210,44 @@ _dump = functools.partial(json.dumps, separators=(",", ":"), default=_json_defau
                           check_circular=False)  # table cells hold no reference cycles
 
 
-def _batches(items, n: int):
-    """Lists of n items (the last one shorter)."""
-    it = iter(items)
-    while batch := list(itertools.islice(it, n)):
-        yield batch
-
-
 def _records(df: pd.DataFrame):
     """Rows as dicts of plain Python values, NaN as None."""
     cols = list(df.columns)
     values = [_plain(df[c]) for c in cols]
     for row in zip(*values):
         yield dict(zip(cols, row))
+
+
+def _json_rows(df: pd.DataFrame, rows: int = 1 << 13):
+    """The rows as `_dump` writes `_records`, comma-separated, `rows` rows a text: encoded a
+    column at a time, with no dict per row."""
+    template = "{" + ",".join(_dump(c).replace("%", "%%") + ":%s" for c in df.columns) + "}"
+    for start in range(0, len(df), rows):
+        part = df.iloc[start:start + rows]
+        yield ",".join(map(template.__mod__, zip(*(_json_values(part[c]) for c in df.columns))))
+
+
+def _json_values(col: pd.Series) -> list[str]:
+    """A column's values as JSON texts, NaN as null."""
+    if isinstance(col.dtype, pd.StringDtype):  # few distinct texts: sides, kinds, states
+        codes, texts = pd.factorize(col)
+        texts = [encode_basestring_ascii(t) for t in texts] + ["null"]  # code -1: missing
+        return list(map(texts.__getitem__, codes.tolist()))
+    values = _plain(col)
+    if col.dtype != object and not col.hasnans and values:  # one Python type throughout
+        encode = _JSON_SCALARS.get(type(values[0]), _dump)
+        if encode is _json_float and np.isfinite(col.to_numpy()).all():
+            encode = float.__repr__
+        return list(map(encode, values))
+    return [_JSON_SCALARS.get(type(v), _dump)(v) for v in values]
+
+
+def _json_float(v: float) -> str:
+    return float.__repr__(v) if math.isfinite(v) else _dump(v)  # json.dumps: repr, NaN refused
+
+
+_JSON_SCALARS = {str: encode_basestring_ascii, int: int.__repr__, float: _json_float,
+                 bool: {True: "true", False: "false"}.__getitem__, type(None): {None: "null"}.__getitem__}
 
 
 def _plain(col: pd.Series) -> list:
@@ -262,27 +292,35 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         capture_end = max((c.last_ts for c in captures if c.last_ts is not None), default=0.0)
         if len(seg):
             capture_end = max(capture_end, float(seg["ts"].max()))
-    seg = seg.sort_values(["conn", "ts"], kind="stable", ignore_index=True)
-    wire = _flows(seg)  # Zeek counts every captured packet, duplicates included
-    flows = _flows(seg[~seg["dup"]]) if seg["dup"].any() else wire
-    vantages = _vantages(conns, flows)
+    order = np.lexsort((seg["ts"].to_numpy(), seg["conn"].to_numpy()))  # by (conn, ts), stable
+    wire = _Flows(seg, order)  # Zeek counts every captured packet, duplicates included
+    is_dup = seg["dup"].to_numpy()
+    flows = _Flows(seg, order[~is_dup[order]]) if is_dup.any() else wire
     inferred = dict(zip(conns["conn_id"].tolist(), conns["roles_inferred"].tolist()))
-    rows, events, endpoints = [], [], {}
-    for n, (cid, flow) in enumerate(flows.items(), 1):
+    # both tables held as one list per column: a dict or tuple per row would take ~3x the memory
+    rows: dict[str, list] = defaultdict(list)
+    events: dict[str, list] = {k: [] for k in EVENT_COLUMNS}
+    details: dict[str, str] = {}  # one object per distinct text: most repeat ("2MSL expired")
+    endpoints = {}
+    for n, (cid, flow, v) in enumerate(_with_vantages(conns, flows), 1):
         if progress is not None and (n % 2000 == 0 or n == len(flows)):
             progress(n, len(flows))
-        v = vantages[cid]
         res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
-        rows.append({"conn_id": cid, "first_ts": flow.ts[0], "last_ts": flow.ts[-1],
-                     **res.row, **zeek_fields(wire[cid], bool(inferred[cid]))})
+        row = {"conn_id": cid, "first_ts": flow.ts[0], "last_ts": flow.ts[-1], **res.row,
+               **zeek_fields(flow if wire is flows else wire[cid], bool(inferred[cid]))}
+        for k, value in row.items():
+            rows[k].append(value)
         endpoints[cid] = res.endpoints
-        events += [(cid, t, SIDE_NAMES[s], kind, a, b, d) for t, s, kind, a, b, d in res.events]
+        _extend(events, [(cid, t, SIDE_NAMES[s], kind, a, b, details.setdefault(d, d))
+                         for t, s, kind, a, b, d in res.events])
     if not rows:
         return Analysis(seg, captures, pd.DataFrame(columns=CONNECTION_COLUMNS),
                         pd.DataFrame(columns=EVENT_COLUMNS), params, {})
     table = conns.merge(pd.DataFrame(rows), on="conn_id", how="left")
+    del rows
     table, reuse_events = _reuse(table, flows, endpoints)
-    events += reuse_events
+    del wire, flows  # their copy of the segment columns
+    _extend(events, reuse_events)
     dup = seg.groupby("conn")["dup"].sum()
     table["duplicates"] = table["conn_id"].map(dup).fillna(0).astype(int)
     frames = seg.groupby(["conn", "dir"])["framelen"].sum().unstack(fill_value=0)
@@ -290,48 +328,66 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         col = frames[d] if d in frames else pd.Series(dtype="int64")
         table[f"{side}_frame_bytes"] = table["conn_id"].map(col).fillna(0).astype(np.int64)
     table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
-    ev = pd.DataFrame(events, columns=EVENT_COLUMNS).sort_values(["ts", "conn_id"], kind="stable",
-                                                                 ignore_index=True)
+    ev = pd.DataFrame(events)
+    del events  # the lists: the frame holds their values
+    ev = ev.sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
     return Analysis(seg, captures, table, ev, params, endpoints)
 
 
-def _flows(seg: pd.DataFrame) -> dict[int, Flow]:
-    """One Flow per connection from segments sorted by (conn, ts)."""
-    if seg.empty:
-        return {}
-    conn = seg["conn"].to_numpy()
-    bounds = (np.flatnonzero(np.diff(conn)) + 1).tolist()
-    columns = {k: seg[{"d": "dir"}.get(k, k)].to_numpy().tolist() for k in FLOW_FIELDS}
-    conn = conn.tolist()
-    return {conn[a]: Flow(**{k: v[a:b] for k, v in columns.items()})
-            for a, b in zip([0, *bounds], [*bounds, len(seg)])}
+def _extend(columns: dict[str, list], rows: list[tuple]) -> None:
+    """Append rows (tuples in the columns' order) to a table held as one list per column."""
+    for column, values in zip(columns.values(), zip(*rows)):
+        column.extend(values)
 
 
-def _vantages(conns: pd.DataFrame, flows: dict) -> dict[int, str]:
-    """Vantage per connection: handshake timing, else TTLs, else what the same hosts showed."""
-    out, local_votes = {}, Counter()
-    ends = list(zip(*(conns[k].tolist() for k in ("conn_id", "client_ip", "server_ip"))))
-    for cid, client_ip, server_ip in ends:
-        f = flows.get(cid)
-        if f is None:
-            continue
+class _Flows(Mapping):
+    """conn_id -> Flow, each made when asked for from the segment table's `rows` in (conn, ts)
+    order: every connection's lists at once would hold ~400 bytes a packet."""
+
+    def __init__(self, seg: pd.DataFrame, rows: np.ndarray):
+        self._cols = [seg[{"d": "dir"}.get(k, k)].to_numpy()[rows] for k in FLOW_FIELDS]
+        conn = seg["conn"].to_numpy()[rows]
+        starts = np.flatnonzero(np.diff(conn, prepend=-1))
+        self._rows = dict(zip(conn[starts].tolist(), zip(starts.tolist(), [*starts[1:].tolist(), len(conn)])))
+
+    def __getitem__(self, cid: int) -> Flow:
+        a, b = self._rows[cid]
+        return Flow(*(c[a:b].tolist() for c in self._cols))
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def _with_vantages(conns: pd.DataFrame, flows: Mapping):
+    """(conn_id, Flow, vantage) of each connection: from its handshake timing, else its TTLs;
+    those still undecided come last, decided by what the same hosts showed."""
+    ends = dict(zip(conns["conn_id"].tolist(), zip(conns["client_ip"].tolist(),
+                                                   conns["server_ip"].tolist())))
+    local_votes, undecided = Counter(), []
+    for cid, f in flows.items():
+        client_ip, server_ip = ends[cid]
         if vt.is_loopback(client_ip, server_ip):
-            out[cid] = "both"
+            yield cid, f, "both"
             continue
         v = vt.from_handshake(*handshake_times(f))
         if v is None:
             v = vt.from_ttls(*(next((t for d, t in zip(f.d, f.ttl) if d == s), None) for s in (0, 1)))
-        out[cid] = v
+        if v is None:
+            undecided.append(cid)
+            continue
         if v in ("client", "server"):
             local_votes[client_ip if v == "client" else server_ip] += 1
-    for cid, client_ip, server_ip in ends:
-        if out.get(cid) is None:
-            c, s = local_votes[client_ip], local_votes[server_ip]
-            out[cid] = "client" if c > s else "server" if s > c else "unknown"
-    return out
+        yield cid, f, v
+    for cid in undecided:
+        client_ip, server_ip = ends[cid]
+        c, s = local_votes[client_ip], local_votes[server_ip]
+        yield cid, flows[cid], "client" if c > s else "server" if s > c else "unknown"
 
 
-def _reuse(table: pd.DataFrame, flows: dict, endpoints: dict) -> tuple[pd.DataFrame, list]:
+def _reuse(table: pd.DataFrame, flows: Mapping, endpoints: dict) -> tuple[pd.DataFrame, list]:
     """4-tuple reuse inside TIME_WAIT: gap, RFC 6191 safety of the new SYN, and the old
     TIME_WAIT ended by it (Linux hands the slot to the new connection)."""
     table = table.copy()

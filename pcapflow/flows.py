@@ -50,8 +50,7 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     Returns (segments, connections) where connections has one row per incarnation with
     conn_id, client/server endpoints, roles_inferred and incarnation.
     """
-    seg = seg.copy()
-    seg["dup"] = mark_duplicates(seg)
+    seg = seg.assign(dup=mark_duplicates(seg))  # the caller's columns shared, not copied
     if seg.empty:
         seg["conn"], seg["dir"] = pd.Series(dtype="int64"), pd.Series(dtype="int8")
         return seg, pd.DataFrame(columns=["conn_id", "client_ip", "client_port", "server_ip",
