@@ -271,10 +271,11 @@ def _to_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
     stays near one table's size.
     """
     ts = np.concatenate([p["ts"] for p in parts]) if parts else np.empty(0)
-    order = np.argsort(ts, kind="stable")
+    order = None if (ts[1:] >= ts[:-1]).all() else np.argsort(ts, kind="stable")
     cols = {}
     for name, dtype in SEGMENT_COLUMNS.items():
         col = np.concatenate([p.pop(name) for p in parts]) if parts else np.empty(0, dtype)
+        col = col if order is None else col[order]  # most captures are in time order already
         # object columns stay Python objects: the analysis reads them back as such
-        cols[name] = pd.Series(col[order], dtype=object) if dtype == "object" else col[order]
-    return pd.DataFrame(cols)
+        cols[name] = pd.Series(col, dtype=object) if dtype == "object" else col
+    return pd.DataFrame(cols, copy=False)  # each column as it is, not consolidated into blocks

@@ -33,7 +33,7 @@ from .files import (
     cut_noted,
     framer_for,
     read_exact,
-    read_piece,
+    read_into,
 )
 
 READ_BYTES = 8 << 20
@@ -273,8 +273,8 @@ class _Prefixed(io.RawIOBase):
     """buf[start:], then the rest of the stream: for handing one block back to the reference
     framer. `start` moves on as it is read; `drained` once it reads past the buffer."""
 
-    def __init__(self, buf: bytes, start: int, f: BinaryIO) -> None:
-        self.buf, self.start, self.f, self.drained = memoryview(buf), start, f, False
+    def __init__(self, buf: memoryview, start: int, f: BinaryIO) -> None:
+        self.buf, self.start, self.f, self.drained = buf, start, f, False
 
     def readable(self) -> bool:
         return True
@@ -288,20 +288,40 @@ class _Prefixed(io.RawIOBase):
         return out
 
 
-def _read_some(stream: BufferedReader, n: int) -> tuple[bytes, Exception | None]:
-    """Up to n bytes, a buffer-full at a time, and the cut that stopped it early if one did:
-    what came before a broken part of a compressed stream is read, as the reference does."""
-    parts, got = [], 0
-    try:
-        while got < n:
-            part = read_piece(stream, 1 << 16)
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-    except _Cut as cut:
-        return b"".join(parts), cut
-    return b"".join(parts), None
+class _Buffer:
+    """One reused byte buffer the kernel reads from: unread bytes move to the front, new ones
+    are read in behind them (no allocation per read, so the heap does not fragment).
+    A cut in a compressed stream is kept until the bytes before it are used, as the
+    reference reader would meet it."""
+
+    def __init__(self, stream: BufferedReader) -> None:
+        self.stream = stream
+        self.data = np.empty(2 * READ_BYTES, dtype=np.uint8)
+        self.start = self.end = 0
+        self.eof = False
+        self.cut: Exception | None = None
+
+    def fill(self) -> None:
+        """Read up to READ_BYTES more, growing the buffer when one record needs it."""
+        rest = self.end - self.start
+        self.data[:rest] = self.data[self.start:self.end]
+        self.start, self.end = 0, rest
+        if rest + READ_BYTES > len(self.data):
+            self.data = np.concatenate([self.data, np.empty(len(self.data), dtype=np.uint8)])
+        stop = rest + READ_BYTES
+        view = memoryview(self.data)
+        try:
+            while self.end < stop:
+                n = read_into(self.stream, view[self.end:stop])
+                if not n:
+                    self.eof = True
+                    break
+                self.end += n
+        except _Cut as cut:
+            self.eof, self.cut = True, cut
+
+    def view(self) -> memoryview:
+        return memoryview(self.data)[:self.end]
 
 
 def read_fast(stream: BinaryIO, index: int, info: CaptureInfo, finish: Callable[[Chunk], None],
@@ -325,44 +345,44 @@ def read_fast(stream: BinaryIO, index: int, info: CaptureInfo, finish: Callable[
             state["frame"] += 1
             ref.add(state["frame"], rec)
 
-    buf, start = b"", 0
-    eof = need = False
-    cut = None
+    buf = _Buffer(stream)
+    need = False
     interfaces = _Interfaces()
     with cut_noted(info, framer, ref.__len__):
         pcapng = isinstance(framer, PcapngFramer)
         if pcapng:
             one_record(framer.block(stream))  # the section header
         while True:
-            if not eof and (need or len(buf) - start < READ_BYTES // 2):
-                more, cut = _read_some(stream, READ_BYTES)
-                eof = not more or cut is not None
-                buf, start = buf[start:] + more, 0
-            arr = np.frombuffer(buf, dtype=np.uint8)
-            n, start, status = _scan(arr, start, len(arr), pcapng, framer.order == "<",
-                                     getattr(framer, "linktype", 0), getattr(framer, "ticks", 0),
-                                     getattr(framer, "snaplen", 0), *interfaces.arrays(framer),
-                                     out, _PREFIXES, _PREFIX_LEN)
+            if not buf.eof and (need or buf.end - buf.start < READ_BYTES // 2):
+                buf.fill()
+            n, buf.start, status = _scan(buf.data, buf.start, buf.end, pcapng, framer.order == "<",
+                                         getattr(framer, "linktype", 0), getattr(framer, "ticks", 0),
+                                         getattr(framer, "snaplen", 0), *interfaces.arrays(framer),
+                                         out, _PREFIXES, _PREFIX_LEN)
             if n:
                 flush_ref()
-                finish(_chunk(arr, out[:, :n], index, state))
+                finish(_chunk(buf.data, out[:, :n], index, state))
             if progress is not None:
                 state["done"], step = _position(stream, state["done"])
                 progress(step)
             need = status == NEED_MORE
-            if status == FULL or (need and not eof):
+            if status == FULL or (need and not buf.eof):
                 continue
-            if need and cut is not None:  # the stream broke inside the next record
-                raise cut
-            if start == len(buf):  # the end
+            if need and buf.cut is not None:  # the stream broke inside the next record
+                raise buf.cut
+            if buf.start == buf.end:  # the end
                 break
             # blocks for the reference framer (up to the next packet block), a corrupt
             # record, or a cut at the end
             while True:
-                f = _Prefixed(buf, start, stream)
+                f = _Prefixed(buf.view(), buf.start, stream)
                 one_record(framer.block(f) if pcapng else framer.next(f))
-                buf, start = (b"", 0) if f.drained else (buf, f.start)
-                if not pcapng or len(buf) - start < 4 or buf[start:start + 4] in EPB_TYPES:
+                if f.drained:
+                    buf.start = buf.end
+                else:
+                    buf.start = f.start
+                head = bytes(buf.data[buf.start:min(buf.start + 4, buf.end)])
+                if not pcapng or len(head) < 4 or head in EPB_TYPES:
                     break
     flush_ref()
     check_links(info, framer.links, LINK_LAYERS)
@@ -408,7 +428,7 @@ def _chunk(buf: np.ndarray, o: np.ndarray, index: int, state: dict) -> Chunk:
         v = o[F["s0"]:F["s0"] + 2 * o[F["nsack"], r], r].tolist()
         cols["sack"][r] = tuple(zip(v[::2], v[1::2]))
     cols["http"] = np.full(n, None, dtype=object)
-    raw = buf.data
+    raw = memoryview(buf)
     for r in np.flatnonzero(ok & (o[F["http_end"]] > 0)).tolist():
         cols["http"][r] = bytes(raw[o[F["http_at"], r]:o[F["http_end"], r]]).decode("latin-1")
     segments = {name: cols[name][ok].astype(dtype) for name, dtype in SEGMENT_COLUMNS.items()}

@@ -146,10 +146,10 @@ def read_exact(f: BinaryIO, n: int) -> bytes:
         raise _Cut(f"compressed stream broken ({e})") from None
 
 
-def read_piece(f: BufferedReader, n: int) -> bytes:
-    """Read up to n bytes with at most one read below the buffer; b"" at the end."""
+def read_into(f: BufferedReader, view: memoryview) -> int:
+    """Fill some of `view` with at most one read below the buffer; 0 at the end."""
     try:
-        return f.read1(n)
+        return f.readinto1(view)
     except _BROKEN as e:
         raise _Cut(f"compressed stream broken ({e})") from None
 
