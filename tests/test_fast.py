@@ -59,6 +59,11 @@ def test_fast_reader_equals_reference(path, tiny_buffers):
     assert_same(read(path, True), read(path, False))
 
 
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_fast_reader_with_its_own_buffers_equals_reference(path):
+    assert_same(read(path, True), read(path, False))
+
+
 def test_every_kind_of_input_was_compared():
     names = {p.name for p in FILES}
     assert {"server.pcap", "sll2.pcap", "vlan.pcap", "ipv6.pcap", "eth_ns.pcap", "raw.pcap",

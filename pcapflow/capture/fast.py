@@ -311,8 +311,8 @@ class _Buffer:
         stop = rest + READ_BYTES
         view = memoryview(self.data)
         try:
-            while self.end < stop:
-                n = read_into(self.stream, view[self.end:stop])
+            while self.end < stop:  # 64 KiB at a time: a broken stream loses only that part
+                n = read_into(self.stream, view[self.end:min(stop, self.end + (1 << 16))])
                 if not n:
                     self.eof = True
                     break
