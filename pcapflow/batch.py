@@ -245,7 +245,6 @@ def _map_file(path: str, out: str, n_parts: int) -> dict:
         rec["sha256"] = _sha256(path)
         # no caps: what is read is written out, and partitions bound each reduce's memory
         (info,) = read_chunks(path, writer.add, limits=Limits.unbounded())
-        rec["parts"] = writer.close()
     except CaptureError as e:
         rec["error"] = str(e).removeprefix(f"{path}: ")  # the files table names the file
         return rec
@@ -253,8 +252,8 @@ def _map_file(path: str, out: str, n_parts: int) -> dict:
         rec["error"] = f"{type(e).__module__}.{type(e).__qualname__}: {e}".removeprefix("builtins.")
         return rec
     finally:
-        writer.close()
-    rec["info"] = asdict(info)
+        parts = writer.close()
+    rec["parts"], rec["info"] = parts, asdict(info)
     return rec
 
 

@@ -154,7 +154,7 @@ class ReferenceChunk:
 
     def skip(self, reason: str) -> None:
         self.ts.append(float("nan"))  # no timestamp: not counted in first/last_ts
-        self.code.append(-CODE[reason])  # negative: skipped whatever its time says
+        self.code.append(CODE[reason])
 
     def add(self, frame: int, rec) -> None:
         self.ts.append(rec.ts)
@@ -174,12 +174,10 @@ def _account(chunk: Chunk, info: CaptureInfo, caps: _Caps) -> dict[str, np.ndarr
     """Count one chunk's frames into `info` and return the segments it keeps."""
     code = chunk.code.copy()
     ts = chunk.ts
-    no_record = code < 0
-    code[no_record] = -code[no_record]
-    good = (np.abs(ts) < MAX_ABS_TS) & ~no_record
-    seg_at = np.flatnonzero(chunk.code == 0)  # the frame of each segment row
-    code[~good & ~no_record] = CODE["bad_timestamp"]
+    good = np.abs(ts) < MAX_ABS_TS  # NaN too (a frame without a record has no time)
+    seg_at = np.flatnonzero(code == 0)  # the frame of each segment row
     keep = good[seg_at]
+    code[seg_at[~keep]] = CODE["bad_timestamp"]  # the fast path decodes before it knows
     segments = {k: v[keep] for k, v in chunk.segments.items()}
     seg_at = seg_at[keep]
     capped = caps.apply(segments)
