@@ -48,20 +48,34 @@ class Run:
     rss_mb: float
 
 
+# `python -m pcapflow ARGS`, then this process's own peak RSS (VmHWM) into $PEAK_FILE. wait4's
+# ru_maxrss will not do: Linux carries the spawning process's peak into the child's across
+# exec, so every child of a big pytest process would look as big as pytest.
+MEASURED_RUN = """import os, runpy
+try:
+    runpy.run_module("pcapflow", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as st, open(os.environ["PEAK_FILE"], "w") as out:
+        out.write(next(line.split()[1] for line in st if line.startswith("VmHWM")))
+"""
+
+
 def pcapflow(*args: str, env: dict | None = None) -> Run:
-    """Run `python -m pcapflow ARGS`; measure this child alone (wait4 gives its own rusage)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run `python -m pcapflow ARGS`; measure this child alone (time, and its own peak RSS)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
         start = time.monotonic()
-        child = subprocess.Popen([sys.executable, "-m", "pcapflow", *args], stdout=out, stderr=err,
-                                 cwd=ROOT, env={**os.environ, **(env or {})})
+        child = subprocess.Popen([sys.executable, "-c", MEASURED_RUN, *args], stdout=out,
+                                 stderr=err, cwd=ROOT,
+                                 env={**os.environ, **(env or {}), "PEAK_FILE": peak.name})
         resource.prlimit(child.pid, resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))
-        _, status, usage = os.wait4(child.pid, 0)
+        _, status, _ = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.monotonic() - start
         out.seek(0)
         err.seek(0)
         return Run(child.returncode, out.read().decode("utf-8", "replace"),
-                   err.read().decode("utf-8", "replace"), seconds, usage.ru_maxrss / 1024)
+                   err.read().decode("utf-8", "replace"), seconds, int(peak.read()) / 1024)
 
 
 def analyze_json(path: Path | str, env: dict | None = None, seconds: float = SMALL_SECONDS,
