@@ -16,14 +16,13 @@ from json.encoder import encode_basestring_ascii
 import numpy as np
 import pandas as pd
 
-from . import tcpstate
+from . import tcpstate, zeek
 from . import vantage as vt
-from .capture import CaptureInfo, read_captures
+from .capture import CaptureInfo, read_captures, use_compiled
 from .detectors import handshake_times
 from .flows import assign_connections
 from .seq import ACK, FIN, MOD, RST, SYN, after
 from .teardown import Flow, Params, reconstruct
-from .zeek import zeek_fields
 
 SCHEMA = "pcapflow/1"
 CONNECTION_COLUMNS = """conn_id client_ip client_port server_ip server_port roles_inferred
@@ -39,6 +38,7 @@ http_requests http_responses http_request_close http_response_close http10 http_
 zeek_conn_state zeek_history orig_pkts resp_pkts orig_bytes resp_bytes""".split()
 EVENT_COLUMNS = ["conn_id", "ts", "side", "kind", "state_from", "state_to", "detail"]
 SIDE_NAMES = ("client", "server")
+COMPILED_MIN_SEGMENTS = 20_000  # fewer: loading the compiled code costs more than it saves
 FLOW_FIELDS = ["ts", "d", "seq", "ack", "flags", "plen", "win", "ipid", "ttl", "tsval", "dsack", "http"]
 
 
@@ -306,8 +306,7 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         if progress is not None and (n % 2000 == 0 or n == len(flows)):
             progress(n, len(flows))
         res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
-        row = {"conn_id": cid, "first_ts": flow.ts[0], "last_ts": flow.ts[-1], **res.row,
-               **zeek_fields(flow if wire is flows else wire[cid], bool(inferred[cid]))}
+        row = {"conn_id": cid, "first_ts": flow.ts[0], "last_ts": flow.ts[-1], **res.row}
         for k, value in row.items():
             rows[k].append(value)
         endpoints[cid] = res.endpoints
@@ -318,6 +317,7 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
                         pd.DataFrame(columns=EVENT_COLUMNS), params, {})
     table = conns.merge(pd.DataFrame(rows), on="conn_id", how="left")
     del rows
+    table = table.merge(_zeek_table(wire, inferred), on="conn_id", how="left")
     table, reuse_events = _reuse(table, flows, endpoints)
     del wire, flows  # their copy of the segment columns
     _extend(events, reuse_events)
@@ -340,19 +340,40 @@ def _extend(columns: dict[str, list], rows: list[tuple]) -> None:
         column.extend(values)
 
 
+def _zeek_table(wire: _Flows, inferred: dict) -> pd.DataFrame:
+    """conn_id and Zeek's conn.log columns of every connection: compiled for big captures,
+    the reference replay (zeek.zeek_fields) for small ones and what the compiled one hands back."""
+    ids = list(wire)
+    if use_compiled(len(wire.cols["ts"]) >= COMPILED_MIN_SEGMENTS):
+        from .fastzeek import zeek_columns
+        c = wire.cols
+        flipped = [zeek.flipped(d, fl, inferred[cid]) for cid, d, fl in
+                   zip(ids, c["d"][wire.starts].tolist(), c["flags"][wire.starts].tolist())]
+        cols, redo = zeek_columns(wire.starts, wire.ends, np.array(flipped, dtype=np.bool_),
+                                  *(c[k] for k in ("d", "flags", "seq", "ack", "plen", "win", "ts")))
+    else:
+        cols, redo = {k: [None] * len(ids) for k in zeek.COLUMNS}, range(len(ids))
+    for k in redo:
+        for name, value in zeek.zeek_fields(wire[ids[k]], bool(inferred[ids[k]])).items():
+            cols[name][k] = value
+    return pd.DataFrame({"conn_id": ids, **cols})
+
+
 class _Flows(Mapping):
     """conn_id -> Flow, each made when asked for from the segment table's `rows` in (conn, ts)
-    order: every connection's lists at once would hold ~400 bytes a packet."""
+    order: every connection's lists at once would hold ~400 bytes a packet. `cols` holds the
+    columns in that order, connection k's rows being starts[k]..ends[k]."""
 
     def __init__(self, seg: pd.DataFrame, rows: np.ndarray):
-        self._cols = [seg[{"d": "dir"}.get(k, k)].to_numpy()[rows] for k in FLOW_FIELDS]
+        self.cols = {k: seg[{"d": "dir"}.get(k, k)].to_numpy()[rows] for k in FLOW_FIELDS}
         conn = seg["conn"].to_numpy()[rows]
-        starts = np.flatnonzero(np.diff(conn, prepend=-1))
-        self._rows = dict(zip(conn[starts].tolist(), zip(starts.tolist(), [*starts[1:].tolist(), len(conn)])))
+        self.starts = np.flatnonzero(np.diff(conn, prepend=-1))
+        self.ends = np.append(self.starts[1:], len(conn))
+        self._rows = dict(zip(conn[self.starts].tolist(), zip(self.starts.tolist(), self.ends.tolist())))
 
     def __getitem__(self, cid: int) -> Flow:
         a, b = self._rows[cid]
-        return Flow(*(c[a:b].tolist() for c in self._cols))
+        return Flow(*(c[a:b].tolist() for c in self.cols.values()))
 
     def __iter__(self):
         return iter(self._rows)

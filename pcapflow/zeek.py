@@ -337,30 +337,41 @@ class Conn:
             self.scaled(ep, "G")
 
     def conn_state(self) -> str:
-        """conn_state() of scripts/base/protocols/conn/main.zeek."""
-        os_, rs = self.orig.state, self.resp.state
-        o_inactive, r_inactive = os_ in (INACTIVE, PARTIAL), rs in (INACTIVE, PARTIAL)
-        if rs == RESET:
-            if os_ in (SYN_SENT, SYN_ACK_SENT) or (
-                    os_ == RESET and self.orig.size(self.resp) == 0
-                    and self.resp.size(self.orig) == 0):
-                return "REJ"
-            return "RSTRH" if o_inactive else "RSTR"
-        if os_ == RESET:
-            if r_inactive:
-                return "RSTOS0" if RSTOS0.fullmatch(self.history) else "OTH"
-            return "RSTO"
-        if rs == CLOSED and os_ == CLOSED:
-            return "SF"
-        if os_ == CLOSED:
-            return "SH" if r_inactive else "S2"
-        if rs == CLOSED:
-            return "SHR" if o_inactive else "S3"
-        if os_ == SYN_SENT and rs == INACTIVE:
-            return "S0"
-        if os_ == ESTABLISHED and rs == ESTABLISHED:
-            return "S1"
-        return "OTH"
+        return conn_state(self.orig.state, self.resp.state, self.orig.size(self.resp),
+                          self.resp.size(self.orig), self.history)
+
+
+def conn_state(os_: int, rs: int, orig_size: int, resp_size: int, history: str) -> str:
+    """conn_state() of scripts/base/protocols/conn/main.zeek, from both endpoints' final
+    states, their sizes (TCP_Endpoint::Size) and the history."""
+    o_inactive, r_inactive = os_ in (INACTIVE, PARTIAL), rs in (INACTIVE, PARTIAL)
+    if rs == RESET:
+        if os_ in (SYN_SENT, SYN_ACK_SENT) or (os_ == RESET and orig_size == 0 and resp_size == 0):
+            return "REJ"
+        return "RSTRH" if o_inactive else "RSTR"
+    if os_ == RESET:
+        if r_inactive:
+            return "RSTOS0" if RSTOS0.fullmatch(history) else "OTH"
+        return "RSTO"
+    if rs == CLOSED and os_ == CLOSED:
+        return "SF"
+    if os_ == CLOSED:
+        return "SH" if r_inactive else "S2"
+    if rs == CLOSED:
+        return "SHR" if o_inactive else "S3"
+    if os_ == SYN_SENT and rs == INACTIVE:
+        return "S0"
+    if os_ == ESTABLISHED and rs == ESTABLISHED:
+        return "S1"
+    return "OTH"
+
+
+COLUMNS = ["zeek_conn_state", "zeek_history", "orig_pkts", "resp_pkts", "orig_bytes", "resp_bytes"]
+
+
+def flipped(first_d: int, first_flags: int, roles_inferred: bool) -> bool:
+    """Whether Zeek took the first packet's receiver for the originator (history starts `^`)."""
+    return first_d == 1 and (roles_inferred or first_flags & (SYN | ACK) == SYN | ACK)
 
 
 def zeek_fields(f: Flow, roles_inferred: bool) -> dict:
@@ -373,8 +384,7 @@ def zeek_fields(f: Flow, roles_inferred: bool) -> dict:
     if not len(f):
         return {"zeek_conn_state": "OTH", "zeek_history": "", "orig_pkts": 0, "resp_pkts": 0,
                 "orig_bytes": None, "resp_bytes": None}
-    first_synack = f.flags[0] & (SYN | ACK) == SYN | ACK
-    c = Conn(flipped=f.d[0] == 1 and (roles_inferred or first_synack))
+    c = Conn(flipped=flipped(f.d[0], f.flags[0], roles_inferred))
     for i, (d, fl, seq, ack, plen, win, t) in enumerate(
             zip(f.d, f.flags, f.seq, f.ack, f.plen, f.win, f.ts)):
         if i and c.removed_before(t, fl, seq):

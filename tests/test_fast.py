@@ -129,3 +129,31 @@ def test_the_analysis_is_the_same():
     pd.testing.assert_frame_equal(a.connections, b.connections)
     pd.testing.assert_frame_equal(a.events, b.events)
     assert len(a.connections) == 200
+
+
+ANALYZABLE = [p for p in FILES if not isinstance(read(p, False), str)]
+
+
+@pytest.fixture
+def small_zeek_buffers(monkeypatch):
+    """History and reassembly buffers so small that many connections overflow them and go
+    back to the reference replay: both halves of the compiled path are compared."""
+    from pcapflow import fastzeek
+    monkeypatch.setattr(fastzeek, "MAX_HISTORY", 6)
+    monkeypatch.setattr(fastzeek, "MAX_BLOCKS", 2)
+
+
+@pytest.mark.parametrize("buffers", ["own", "small"])
+@pytest.mark.parametrize("path", ANALYZABLE, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_compiled_analysis_equals_reference(path, buffers, monkeypatch, request):
+    """The whole connections and events tables, compiled analysis stages against the Python
+    reference, on the same segment table."""
+    if buffers == "small":
+        request.getfixturevalue("small_zeek_buffers")
+    seg, infos = read_captures(path, fast=False)
+    monkeypatch.setenv("PCAPFLOW_FAST", "0")
+    ref = build(seg, infos, Params())
+    monkeypatch.setenv("PCAPFLOW_FAST", "1")
+    got = build(seg, infos, Params())
+    pd.testing.assert_frame_equal(got.connections, ref.connections)
+    pd.testing.assert_frame_equal(got.events, ref.events)

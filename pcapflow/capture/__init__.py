@@ -96,9 +96,9 @@ def read_chunks(sources: Source | Iterable[Source],
     return infos
 
 
-def _use_fast(fast: bool | None, source: Source) -> bool:
-    if fast is not None:
-        return fast
+def use_compiled(big: bool) -> bool:
+    """Whether to run a compiled (numba) path: PCAPFLOW_FAST=0 or 1 decides; otherwise when
+    numba is installed and the input is big enough to repay loading the compiled code."""
     choice = os.environ.get("PCAPFLOW_FAST", "").strip()
     if choice == "0":
         return False
@@ -106,12 +106,17 @@ def _use_fast(fast: bool | None, source: Source) -> bool:
         import numba  # noqa: F401
     except ImportError:
         return False
-    if choice == "1":
-        return True
+    return choice == "1" or big
+
+
+def _use_fast(fast: bool | None, source: Source) -> bool:
+    if fast is not None:
+        return fast
     try:
-        return os.path.getsize(source) >= FAST_MIN_BYTES
+        big = os.path.getsize(source) >= FAST_MIN_BYTES
     except (TypeError, OSError):  # a stream: size unknown, likely big
-        return True
+        big = True
+    return use_compiled(big)
 
 
 def _read_one(stream, index: int, info: CaptureInfo, finish, progress) -> None:
