@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .analysis import CONNECTION_COLUMNS, EVENT_COLUMNS, build
 from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, Limits, read_chunks
 from .capture.files import COMPRESSION_MAGICS, PCAP_MAGICS, PCAPNG_MAGIC
-from .findings import compute_findings
+from .findings import INPUTS, compute_findings
 from .flows import DUP_KEY
 from .teardown import Params
 
@@ -222,7 +222,7 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
             parts = [(i, t["parts"][p]) for i, t in enumerate(plan["timeline"]) if p in t["parts"]]
             if parts:
                 fut = pool.submit(_reduce, parts, plan["captures"], params, plan["end"],
-                                  plan["overlapping"], os.path.join(tmp, _key(g), f"r{p}"))
+                                  plan["overlapping"], os.path.join(tmp, _key(g), f"r{p}"), n_parts[g])
                 reduces[fut] = g
                 pending[g] += 1
         if not pending[g]:
@@ -357,10 +357,11 @@ def _plan(group: str, members: list[str], read: dict[str, dict], stats: dict) ->
 
 
 def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: Params,
-            capture_end: float | None, overlapping: frozenset[int], out: str) -> dict:
-    """Analyze one partition: the segments of its 4-tuples from every file of the group.
-    Its tables go to files under `out` (pickles: exact round trip), to be merged a slice at
-    a time; what comes back is small: each connection's first packet, and counts."""
+            capture_end: float | None, overlapping: frozenset[int], out: str, n_parts: int) -> dict:
+    """Analyze one partition (of `n_parts`): the segments of its 4-tuples from every file of
+    the group. Its tables go to files under `out` (pickles: exact round trip) in slices small
+    enough that the merge can hold one of every partition at once; what comes back is small:
+    each connection's first packet, and counts."""
     frames = []
     for index, path in parts:
         seg = pd.read_parquet(path)
@@ -377,13 +378,18 @@ def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: P
     a = build(seg[~repeats].reset_index(drop=True), captures, params, capture_end=capture_end)
     first = a.segments.groupby("conn", sort=False)[["ts", "capture", "frame"]].first()
     os.makedirs(out, exist_ok=True)
-    a.connections.to_pickle(os.path.join(out, "connections.pkl"))
-    events = []
-    for k in range(0, max(len(a.events), 1), SPILL_ROWS):
-        events.append(os.path.join(out, f"events.{k}.pkl"))
-        a.events.iloc[k:k + SPILL_ROWS].to_pickle(events[-1])
-    return {"connections": os.path.join(out, "connections.pkl"), "events": events,
+    return {"connections": _spill(a.connections, max(1, CONNECTIONS_HELD // n_parts), out, "connections"),
+            "events": _spill(a.events, max(1, EVENTS_HELD // n_parts), out, "events"),
             "first": first, "dropped": dropped}
+
+
+def _spill(df: pd.DataFrame, rows: int, out: str, name: str) -> list[str]:
+    """A table in slices of `rows` rows, pickled (an exact round trip) under `out`."""
+    paths = []
+    for k in range(0, max(len(df), 1), rows):
+        paths.append(os.path.join(out, f"{name}.{k}.pkl"))
+        df.iloc[k:k + rows].to_pickle(paths[-1])
+    return paths
 
 
 def _repeats(seg: pd.DataFrame, overlapping: frozenset[int]) -> np.ndarray:
@@ -399,22 +405,38 @@ def _repeats(seg: pd.DataFrame, overlapping: frozenset[int]) -> np.ndarray:
 
 def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir: str) -> dict:
     """Write one group's tables from its partitions: global conn_id in order of first packet
-    (ties: file, then frame, as `analyze` orders them), events merged in time order a slice
-    at a time, findings over all connections. Returns the group's manifest entry."""
+    (ties: file, then frame, as `analyze` orders them), connections and events merged in
+    order a slice at a time, findings over the columns they read. Returns the group's
+    manifest entry."""
     order = pd.concat([r["first"].assign(part=i, local=r["first"].index) for i, r in enumerate(results)],
                       ignore_index=True).sort_values(["ts", "capture", "frame"], kind="stable",
                                                      ignore_index=True)
-    ids = {(p, loc): new for new, (p, loc) in enumerate(zip(order["part"], order["local"]))}
-    remaps = [{loc: ids[(i, loc)] for loc in r["first"].index} for i, r in enumerate(results)]
-    conns = []
-    for r, remap in zip(results, remaps):
-        c = pd.read_pickle(r["connections"])
-        c["conn_id"] = c["conn_id"].map(remap)
-        conns.append(c)
-    if conns:
-        connections = pd.concat(conns).set_index("conn_id", drop=False).rename_axis(None).sort_index()
-    else:
-        connections = pd.DataFrame(columns=CONNECTION_COLUMNS)
+    part_of = order["part"].to_numpy()
+    remaps = []  # per partition: local conn_id (0..n-1) -> global
+    for i, r in enumerate(results):
+        remap = np.empty(len(r["first"]), dtype=np.int64)
+        mine = np.flatnonzero(part_of == i)
+        remap[order["local"].to_numpy()[mine]] = mine
+        remaps.append(remap)
+    del order
+    key = _key(group)
+    for name in ("connections", "events"):
+        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+    slim: list[pd.DataFrame] = []  # the columns the findings read, equal strings shared
+    shared: dict[str, str] = {}
+
+    def kept(frames: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for df in frames:
+            part = df[INPUTS].copy()
+            for col in part.columns[part.dtypes == object]:
+                part[col] = [shared.setdefault(v, v) if isinstance(v, str) else v for v in part[col].tolist()]
+            slim.append(part)
+            yield df
+
+    n_conns = _write_slices(kept(_connections_in_order(results, remaps, part_of, group)),
+                            _output(out_dir, "connections", key))
+    connections = pd.concat(slim) if slim else pd.DataFrame(columns=INPUTS)
+    slim.clear()
     findings = compute_findings(SimpleNamespace(connections=connections, params=params,
                                                 capture_end=plan["end"]))
     dropped: dict[int, int] = {}
@@ -426,24 +448,72 @@ def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir:
         row["skipped"] = {**row["skipped"], REPEAT: n}
         row["tcp_packets"] -= n
     files = pd.DataFrame([{k: r[k] for k in FILE_COLUMNS} for r in plan["rows"]], columns=FILE_COLUMNS)
-    key = _key(group)
-    tables = {"connections": connections, "findings": findings}
-    for df in tables.values():
-        df.insert(0, "group", group)
-    tables["files"] = files
-    _write_outputs(out_dir, key, tables)
-    os.makedirs(os.path.join(out_dir, "events"), exist_ok=True)
+    findings.insert(0, "group", group)
+    _write_outputs(out_dir, key, {"findings": findings, "files": files})
     n_events = _write_stream(_events_in_order(results, remaps, group), _output(out_dir, "events", key))
     return {"key": key, "files": plan["manifest"],
-            "counts": {"connections": len(connections), "events": n_events, "findings": len(findings)}}
+            "counts": {"connections": n_conns, "events": n_events, "findings": len(findings)}}
 
 
-SPILL_ROWS = 1 << 17  # event rows per spilled slice of a partition
+# Rows a group's merge holds at once, one spilled slice of every partition: memory bounded
+# whatever the number of partitions (a connection is ~7 kB as Python objects, an event ~0.2 kB)
+CONNECTIONS_HELD = 1 << 13
+EVENTS_HELD = 1 << 17
+
+
+def _connections_in_order(results: list[dict], remaps: list[np.ndarray], part_of: np.ndarray,
+                          group: str) -> Iterator[pd.DataFrame]:
+    """Every partition's connections renumbered, in global conn_id order, a block at a time:
+    `part_of[k]` is the partition holding connection k, and each partition's connections come
+    in its own order, which renumbering keeps."""
+
+    def slices(r, remap):
+        for path in r["connections"]:
+            c = pd.read_pickle(path)
+            c["conn_id"] = remap[c["conn_id"].to_numpy()]
+            yield c.set_index("conn_id", drop=False).rename_axis(None)
+
+    streams = [slices(r, remap) for r, remap in zip(results, remaps)]
+    bufs = [pd.DataFrame(columns=CONNECTION_COLUMNS) for _ in streams]
+    for start in range(0, len(part_of), CONNECTIONS_HELD):
+        need = np.bincount(part_of[start:start + CONNECTIONS_HELD], minlength=len(streams))
+        taken = []
+        for i in np.flatnonzero(need).tolist():
+            while len(bufs[i]) < need[i]:
+                more = next(streams[i])
+                bufs[i] = pd.concat([bufs[i], more]) if len(bufs[i]) else more
+            taken.append(bufs[i].iloc[:need[i]])
+            bufs[i] = bufs[i].iloc[need[i]:]
+        out = pd.concat(taken).sort_index()
+        out.insert(0, "group", group)
+        yield out
+
+
+def _write_slices(frames: Iterable[pd.DataFrame], path: str) -> int:
+    """Slices of one table into one Parquet file, the slices' schemas unified (a slice with no
+    losses types `losses` as list<null>, another as list<struct>); returns the rows written."""
+    parts, n = [], 0
+    for df in frames:
+        parts.append(f"{path}.{len(parts)}.tmp")
+        write_table(df, parts[-1])
+        n += len(df)
+    if not parts:
+        write_table(pd.DataFrame(columns=["group", *CONNECTION_COLUMNS]), path)
+        return 0
+    common = pa.unify_schemas([pq.read_schema(p) for p in parts], promote_options="permissive")
+    with pq.ParquetWriter(path + ".tmp", common) as writer:
+        for p in parts:
+            writer.write_table(pq.read_table(p).cast(common))
+            os.remove(p)
+    os.replace(path + ".tmp", path)
+    return n
+
+
 EVENT_SCHEMA = pa.schema([("group", pa.string()), ("conn_id", pa.int64()), ("ts", pa.float64())]
                          + [(c, pa.string()) for c in EVENT_COLUMNS[2:]])
 
 
-def _events_in_order(results: list[dict], remaps: list[dict], group: str) -> Iterator[pd.DataFrame]:
+def _events_in_order(results: list[dict], remaps: list[np.ndarray], group: str) -> Iterator[pd.DataFrame]:
     """Every partition's events (each already in (ts, conn_id) order, which renumbering keeps),
     merged into slices of the group's (ts, conn_id) order: each round emits what lies before
     the earliest last time among the slices still coming."""
@@ -451,7 +521,7 @@ def _events_in_order(results: list[dict], remaps: list[dict], group: str) -> Ite
     def slices(r, remap):
         for path in r["events"]:
             e = pd.read_pickle(path)
-            e["conn_id"] = e["conn_id"].map(remap).astype(np.int64)
+            e["conn_id"] = remap[e["conn_id"].to_numpy()]
             e["detail"] = e["detail"].map(lambda d, m=remap: _renumber_text(d, m))
             yield e
 
@@ -502,7 +572,7 @@ def _write_stream(frames: Iterable[pd.DataFrame], path: str) -> int:
 CONNECTION_REF = re.compile(r"\bconnection (\d+)")
 
 
-def _renumber_text(detail, remap: dict[int, int]):
+def _renumber_text(detail, remap: np.ndarray):
     """Event details name other connections ("... on connection 3"): use the global ids."""
     if not isinstance(detail, str):
         return detail

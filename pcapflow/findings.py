@@ -12,6 +12,13 @@ COLUMNS = ["kind", "severity", "host", "port", "count", "conn_ids", "summary", "
            "suggestion", "cause"]
 SAMPLE = 10
 MIN_PILEUP = 10
+# the connections table's columns the finders read: a caller short of memory (batch) may
+# give compute_findings just these
+INPUTS = """conn_id client_ip client_port server_ip server_port first_ts last_ts close_type
+active_closer client_state_end server_state_end client_fin_ts server_fin_ts
+orphan_retries_estimate lost_waves rst_by rst_kind time_wait_side time_wait_start time_wait_end
+reuse_check close_wait_s fin_wait2_timeout unanswered_keepalives client_last_data_ts
+http_requests http_request_close http_response_close http10 http_cut""".split()
 
 
 def finding(kind, severity, host, port, conns: pd.DataFrame, summary, explanation, suggestion,

@@ -150,13 +150,17 @@ def test_no_capture_found_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "no capture files found" in r.stderr
 
 
-def test_events_merged_a_slice_at_a_time_keep_the_whole_captures_order(tmp_path, monkeypatch):
-    """Partitions spill their events in slices of 50 rows (the pool's workers fork with the
-    patched size); the merge must still give analyze's (ts, conn_id) order exactly."""
-    monkeypatch.setattr(batch, "SPILL_ROWS", 50)
+def test_tables_merged_a_slice_at_a_time_keep_the_whole_captures_order(tmp_path, monkeypatch):
+    """Partitions spill their events in slices of 50 rows and their connections in slices of
+    7 (the pool's workers fork with the patched sizes); the merge must still give analyze's
+    conn_id and (ts, conn_id) orders exactly, and the same findings."""
+    monkeypatch.setattr(batch, "EVENTS_HELD", 50 * 4)
+    monkeypatch.setattr(batch, "CONNECTIONS_HELD", 7 * 4)
     out = tmp_path / "out"
     batch.run([PILEUP], out, jobs=2, partitions=4)
     whole = pcapflow.analyze(PILEUP)
     assert len(whole.events) > 50 * 4 * 3  # several slices in every partition
-    got = pd.read_parquet(out / "events").drop(columns="group").reset_index(drop=True)
-    assert_same_values(got, as_written(whole.events, tmp_path))
+    assert len(whole.connections) > 7 * 4 * 3
+    for table in ("connections", "events", "findings"):
+        got = pd.read_parquet(out / table).drop(columns="group").reset_index(drop=True)
+        assert_same_values(got, as_written(getattr(whole, table), tmp_path))

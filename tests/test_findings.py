@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import pcapflow
@@ -93,3 +94,16 @@ def test_port_exhaustion_when_the_range_is_one_port():
     a._findings = None
     f = a.findings.set_index("kind").loc["port_exhaustion_risk"]
     assert f["severity"] == "critical" and "held up to 1 ports" in f["summary"]
+
+
+@pytest.mark.parametrize("scenario", ["postmortem", "http_pileup", "close_wait_many", "keepalive_dead_peer",
+                                      "lost_wave1_giveup", "fin_wait2_timeout"])
+def test_findings_read_only_their_declared_columns(scenario):
+    """batch gives compute_findings only findings.INPUTS: the findings must be the same."""
+    from types import SimpleNamespace
+
+    from pcapflow.findings import INPUTS, compute_findings
+    a = pcapflow.analyze(str(SAMPLE / scenario / "client.pcap"))
+    assert len(a.findings)
+    slim = SimpleNamespace(connections=a.connections[INPUTS], params=a.params, capture_end=a.capture_end)
+    pd.testing.assert_frame_equal(compute_findings(slim), a.findings)
