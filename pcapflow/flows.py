@@ -17,18 +17,45 @@ from .seq import ACK, FIN, MOD, SYN, after, distance
 
 EPHEMERAL = (32768, 60999)
 DUP_WINDOW = 0.05  # s: the same packet captured twice (tcpdump -i any on a router or bridge)
+HASH_MULTIPLIER = 0x100000001B3  # FNV-1a's, wrapping in 64 bits
 DUP_KEY = ["src", "sport", "dst", "dport", "seq", "ack", "flags", "plen", "win", "ipid",
            "tsval", "tsecr", "nsack"]
 
 
-def mark_duplicates(seg: pd.DataFrame) -> np.ndarray:
+def mark_duplicates(seg: pd.DataFrame, ends: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """True for a segment that repeats an identical one seen less than DUP_WINDOW earlier.
 
     Identity needs an IPv4 ID or a TCP timestamp: without either, two real duplicate ACKs
-    could not be told from one packet captured twice.
+    could not be told from one packet captured twice. `ends`: the sending and receiving
+    endpoints as codes (see `_endpoints`), if the caller has them.
     """
-    if seg.empty:
-        return np.zeros(0, dtype=bool)
+    dup = np.zeros(len(seg), dtype=bool)
+    rows = np.flatnonzero((seg["ipid"].to_numpy() > 0) | (seg["tsval"].to_numpy() >= 0))
+    if not len(rows):
+        return dup
+    a, b = ends if ends is not None else _endpoints(seg)
+    keys = [a[rows], b[rows]] + [seg[c].to_numpy()[rows] for c in DUP_KEY[4:]]
+    # identical segments share a hash: sort by (hash, time), then compare neighbours exactly
+    h = np.zeros(len(rows), dtype=np.uint64)
+    for k in keys:
+        h = (h ^ k.astype(np.uint64)) * np.uint64(HASH_MULTIPLIER)
+        h ^= h >> np.uint64(29)
+    ts = seg["ts"].to_numpy()[rows]
+    order = np.lexsort((ts, h))
+    same_hash = h[order][1:] == h[order][:-1]
+    same = same_hash.copy()
+    for k in keys:
+        k = k[order]
+        same &= k[1:] == k[:-1]
+    if (same_hash & ~same).any():  # two different segments with one hash: sort by the keys
+        return _mark_duplicates_by_keys(seg)
+    ts = ts[order]
+    same &= (ts[1:] - ts[:-1]) < DUP_WINDOW
+    dup[rows[order[1:][same]]] = True
+    return dup
+
+
+def _mark_duplicates_by_keys(seg: pd.DataFrame) -> np.ndarray:
     s = seg[DUP_KEY + ["ts"]].sort_values(DUP_KEY + ["ts"], kind="stable")
     order = s.index.to_numpy()
     same = np.ones(len(s), dtype=bool)
@@ -44,22 +71,29 @@ def mark_duplicates(seg: pd.DataFrame) -> np.ndarray:
     return dup
 
 
+def _endpoints(seg: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each segment's sender and receiver as one code each: address code << 16 | port."""
+    n = len(seg)
+    codes = pd.factorize(np.concatenate([seg["src"].to_numpy(), seg["dst"].to_numpy()]))[0]
+    return ((codes[:n].astype(np.int64) << 16) | seg["sport"].to_numpy(),
+            (codes[n:].astype(np.int64) << 16) | seg["dport"].to_numpy())
+
+
 def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Add `conn` and `dir` (0: client->server, 1: server->client) and `dup` to the segments.
 
     Returns (segments, connections) where connections has one row per incarnation with
     conn_id, client/server endpoints, roles_inferred and incarnation.
     """
-    seg = seg.assign(dup=mark_duplicates(seg))  # the caller's columns shared, not copied
     if seg.empty:
+        seg = seg.assign(dup=np.zeros(0, dtype=bool))
         seg["conn"], seg["dir"] = pd.Series(dtype="int64"), pd.Series(dtype="int8")
         return seg, pd.DataFrame(columns=["conn_id", "client_ip", "client_port", "server_ip",
                                           "server_port", "roles_inferred", "incarnation"])
     # A 4-tuple whichever way it is read: each endpoint as (address code << 16 | port).
     n = len(seg)
-    codes = pd.factorize(np.concatenate([seg["src"].to_numpy(), seg["dst"].to_numpy()]))[0]
-    a = (codes[:n].astype(np.int64) << 16) | seg["sport"].to_numpy()
-    b = (codes[n:].astype(np.int64) << 16) | seg["dport"].to_numpy()
+    a, b = _endpoints(seg)
+    seg = seg.assign(dup=mark_duplicates(seg, (a, b)))  # the caller's columns shared, not copied
     pair = pd.factorize(np.minimum(a, b))[0] * n + pd.factorize(np.maximum(a, b))[0]  # < n * n
     group = pd.factorize(pair)[0]
     seg["_group"] = group

@@ -157,3 +157,20 @@ def test_compiled_analysis_equals_reference(path, buffers, monkeypatch, request)
     got = build(seg, infos, Params())
     pd.testing.assert_frame_equal(got.connections, ref.connections)
     pd.testing.assert_frame_equal(got.events, ref.events)
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_duplicates_by_hash_equal_duplicates_by_sorting_every_key(collide, monkeypatch):
+    """flows.mark_duplicates hashes the key columns; the reference sorts by all of them. On
+    every capture, and with a hash that makes everything collide (then it falls back)."""
+    from pcapflow import flows
+    if collide:
+        monkeypatch.setattr(flows, "HASH_MULTIPLIER", 0)
+    seen = 0
+    for path in ANALYZABLE:
+        seg = read(path, False)[0]
+        if len(seg):
+            got = flows.mark_duplicates(seg)
+            assert (got == flows._mark_duplicates_by_keys(seg)).all(), path
+            seen += got.sum()
+    assert seen > 100  # captures taken with -i any on the router hold many
