@@ -361,8 +361,11 @@ def _zeek_table(wire: _Flows, inferred: dict) -> pd.DataFrame:
 
 class _Flows(Mapping):
     """conn_id -> Flow, each made when asked for from the segment table's `rows` in (conn, ts)
-    order: every connection's lists at once would hold ~400 bytes a packet. `cols` holds the
-    columns in that order, connection k's rows being starts[k]..ends[k]."""
+    order: every connection's lists at once would hold ~400 bytes a packet, so the columns
+    become Python lists a block of rows at a time. `cols` holds the columns in that order,
+    connection k's rows being starts[k]..ends[k]."""
+
+    BLOCK = 1 << 12  # rows
 
     def __init__(self, seg: pd.DataFrame, rows: np.ndarray):
         self.cols = {k: seg[{"d": "dir"}.get(k, k)].to_numpy()[rows] for k in FLOW_FIELDS}
@@ -370,10 +373,16 @@ class _Flows(Mapping):
         self.starts = np.flatnonzero(np.diff(conn, prepend=-1))
         self.ends = np.append(self.starts[1:], len(conn))
         self._rows = dict(zip(conn[self.starts].tolist(), zip(self.starts.tolist(), self.ends.tolist())))
+        self._block: tuple[int, int, list[list]] = (0, 0, [])
 
     def __getitem__(self, cid: int) -> Flow:
         a, b = self._rows[cid]
-        return Flow(*(c[a:b].tolist() for c in self.cols.values()))
+        lo, hi, lists = self._block
+        if not lo <= a <= b <= hi:
+            lo, hi = a, max(b, a + self.BLOCK)
+            lists = [c[lo:hi].tolist() for c in self.cols.values()]
+            self._block = lo, hi, lists
+        return Flow(*(c[a - lo:b - lo] for c in lists))
 
     def __iter__(self):
         return iter(self._rows)
