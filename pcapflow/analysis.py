@@ -246,7 +246,11 @@ def _json_float(v: float) -> str:
     return float.__repr__(v) if math.isfinite(v) else _dump(v)  # json.dumps: repr, NaN refused
 
 
-_JSON_SCALARS = {str: encode_basestring_ascii, int: int.__repr__, float: _json_float,
+def _json_list(v: list) -> str:
+    return _dump(v) if v else "[]"  # most list cells (backoffs, losses) are empty
+
+
+_JSON_SCALARS = {str: encode_basestring_ascii, int: int.__repr__, float: _json_float, list: _json_list,
                  bool: {True: "true", False: "false"}.__getitem__, type(None): {None: "null"}.__getitem__}
 
 
@@ -302,7 +306,13 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     events: dict[str, list] = {k: [] for k in EVENT_COLUMNS}
     details: dict[str, str] = {}  # one object per distinct text: most repeat ("2MSL expired")
     endpoints = {}
-    for n, (cid, flow, v) in enumerate(_with_vantages(conns, flows), 1):
+    if use_compiled(len(flows.cols["ts"]) >= COMPILED_MIN_SEGMENTS):
+        todo = _compiled(flows, conns, capture_end, params, rows, events, endpoints, details)
+        if progress is not None:
+            progress(len(endpoints), len(flows))
+    else:
+        todo = _with_vantages(conns, flows)
+    for n, (cid, flow, v) in enumerate(todo, len(endpoints) + 1):
         if progress is not None and (n % 2000 == 0 or n == len(flows)):
             progress(n, len(flows))
         res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
@@ -389,6 +399,29 @@ class _Flows(Mapping):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Params,
+              rows: dict, events: dict, endpoints: dict, details: dict):
+    """The compiled path: every connection's vantage, and the clean closes reconstructed,
+    added to `rows`, `events` and `endpoints`. Returns (conn_id, Flow, vantage) of the rest."""
+    from . import fastteardown as ft
+    ids = list(flows)
+    at = conns.set_index("conn_id").loc[ids]
+    client_ip, server_ip = at["client_ip"].to_numpy(), at["server_ip"].to_numpy()
+    loopback = np.array(list(map(vt.is_loopback, client_ip, server_ip)), dtype=np.bool_)
+    vantage = ft.vantages(flows.cols, flows.starts, flows.ends, client_ip, server_ip, loopback)
+    done, table, fast_events, fast_endpoints = ft.clean_connections(
+        flows, ids, vantage, capture_end, params.msl, details)
+    if done:
+        for k, values in table.items():
+            rows[k].extend(values)
+        for k, values in fast_events.items():
+            events[k].extend(values)
+        endpoints.update(fast_endpoints)
+    del table, fast_events, fast_endpoints
+    done = set(done)
+    return ((cid, flows[cid], ft.VANTAGES[v]) for cid, v in zip(ids, vantage.tolist()) if cid not in done)
 
 
 def _with_vantages(conns: pd.DataFrame, flows: Mapping):

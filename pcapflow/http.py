@@ -1,11 +1,18 @@
 """Minimal HTTP/1.x awareness: what a connection's messages say about who closes and why."""
 from __future__ import annotations
 
+import functools
 import re
+
+import numpy as np
 
 CONNECTION_HEADER = re.compile(r"\r\nconnection:\s*([^\r\n]*)", re.IGNORECASE)
 REQUEST_LINE = re.compile(r"^[A-Z]+ \S+ HTTP/1\.([01])")
 HEAD_BYTES = 512  # the reader keeps this much of a payload that starts an HTTP message
+
+
+FIELDS = ["http_requests", "http_responses", "http_request_close", "http_response_close", "http10",
+          "http_cut"]
 
 
 def http_fields(f) -> dict:
@@ -16,17 +23,43 @@ def http_fields(f) -> dict:
     for d, text, plen in zip(f.d, f.http, f.plen):
         if not isinstance(text, str):  # no HTTP start in this payload
             continue
-        head = text.split("\r\n\r\n", 1)[0]
-        out["http_cut"] |= "\r\n\r\n" not in text and len(text) < min(plen, HEAD_BYTES)
-        m = CONNECTION_HEADER.search(head)
-        token = m.group(1).strip().lower() if m else ""
-        request = REQUEST_LINE.match(text) if d == 0 else None
-        if request:
-            out["http_requests"] += 1
-            out["http_request_close"] |= token == "close"
-            out["http10"] |= request.group(1) == "0" and token != "keep-alive"
-        elif d == 1 and text.startswith("HTTP/1."):
-            out["http_responses"] += 1
-            out["http_response_close"] |= token == "close"
-            out["http10"] |= text.startswith("HTTP/1.0") and token != "keep-alive"
+        request, response, request_close, response_close, http10, cut = message(d, text, min(plen, HEAD_BYTES))
+        out["http_requests"] += request
+        out["http_responses"] += response
+        out["http_request_close"] |= request_close
+        out["http_response_close"] |= response_close
+        out["http10"] |= http10
+        out["http_cut"] |= cut
     return out
+
+
+def http_columns(d: np.ndarray, http: np.ndarray, plen: np.ndarray, starts: np.ndarray) -> dict[str, list]:
+    """http_fields of each connection k at once: its rows are starts[k]..starts[k + 1] of
+    the columns (the last one's, to their end)."""
+    rows = np.flatnonzero([isinstance(t, str) for t in http.tolist()])
+    conn = np.searchsorted(starts, rows, side="right") - 1
+    found = np.array([message(a, t, min(n, HEAD_BYTES)) for a, t, n in
+                      zip(d[rows].tolist(), http[rows].tolist(), plen[rows].tolist())],
+                     dtype=np.int64).reshape(-1, len(FIELDS))
+    out = {}
+    for k, name in enumerate(FIELDS):
+        total = np.bincount(conn, weights=found[:, k], minlength=len(starts)).astype(np.int64)
+        out[name] = total.tolist() if k < 2 else (total > 0).tolist()
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 14)  # message heads repeat: one request line, few responses
+def message(d: int, text: str, room: int) -> tuple[int, int, bool, bool, bool, bool]:
+    """(request, response, request asks close, response asks close, HTTP/1.0 without
+    keep-alive, head cut short) for one payload starting an HTTP message, sent by side d;
+    `room`: how much of it the reader could keep (its length, at most HEAD_BYTES)."""
+    head = text.split("\r\n\r\n", 1)[0]
+    cut = "\r\n\r\n" not in text and len(text) < room
+    m = CONNECTION_HEADER.search(head)
+    token = m.group(1).strip().lower() if m else ""
+    request = REQUEST_LINE.match(text) if d == 0 else None
+    if request:
+        return 1, 0, token == "close", False, request.group(1) == "0" and token != "keep-alive", cut
+    if d == 1 and text.startswith("HTTP/1."):
+        return 0, 1, False, token == "close", text.startswith("HTTP/1.0") and token != "keep-alive", cut
+    return 0, 0, False, False, False, cut

@@ -1,0 +1,476 @@
+"""teardown.reconstruct compiled with numba, for the connections it can vouch for.
+
+Most connections of a big capture close cleanly: one SYN, one SYN-ACK, the ACK, one FIN from
+each side, each acknowledged, no RST, no keepalive, no data after a FIN; or are still open
+at the capture's end (no FIN, no RST, no keepalive). For those the
+kernel runs reconstruct's steps (the vantage, the automaton inputs and their order, the
+automaton of tcpstate.TRANSITIONS, TIME_WAIT, the events, the teardown columns) over the
+flow columns of all connections at once. Every other connection, and one whose vantage
+needs the hosts' votes, is left to the Python reference; tests/test_fast.py compares the
+whole analysis both ways on every capture we have.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import pandas as pd
+
+from . import tcpstate
+from .http import http_columns
+from .seq import ACK, FIN, HALF, MOD, RST, SYN
+from .tcpstate import Endpoint
+from .vantage import INITIAL_TTLS, RATIO
+
+STATES = ["CLOSED", "LISTEN", "SYN_SENT", "SYN_RECEIVED", "ESTABLISHED", "FIN_WAIT_1", "FIN_WAIT_2",
+          "CLOSING", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK", "UNKNOWN"]
+INPUTS = [tcpstate.SEND_SYN, tcpstate.RECV_SYN, tcpstate.RECV_SYNACK, tcpstate.RECV_ACK_OF_SYN,
+          tcpstate.SEND_FIN, tcpstate.RECV_FIN, tcpstate.RECV_ACK_OF_FIN, tcpstate.TIMEWAIT_EXPIRED]
+(SEND_SYN, RECV_SYN, RECV_SYNACK, RECV_ACK_OF_SYN, SEND_FIN, RECV_FIN, RECV_ACK_OF_FIN,
+ TIMEWAIT_EXPIRED) = range(len(INPUTS))
+TRANSITIONS = np.full((len(STATES), len(INPUTS)), -1, dtype=np.int64)  # -1: no move
+for (_state, _input), _new in tcpstate.TRANSITIONS.items():
+    if _input in INPUTS:
+        TRANSITIONS[STATES.index(_state), INPUTS.index(_input)] = STATES.index(_new)
+LISTEN, TIME_WAIT, CLOSE_WAIT, FIN_WAIT_2 = (STATES.index(s) for s in (
+    "LISTEN", "TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT_2"))
+KINDS = ["SYN", "SYN_ACK", "ESTABLISHED", "FIN", "STATE", "ACK_OF_FIN"]
+K_SYN, K_SYN_ACK, K_ESTABLISHED, K_FIN, K_STATE, K_ACK_OF_FIN = range(len(KINDS))
+DETAILS = ["", "with data", "received client FIN", "received server FIN",
+           "server ACK of FIN received", "client ACK of FIN received", "2MSL expired"]
+D_ACK = len(DETAILS)  # the detail is "ack <the event's value>"
+VANTAGES = ["client", "server", "middle", "both", "unknown"]
+UNDECIDED = len(VANTAGES)  # the same hosts' votes decide
+LOCAL = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]], dtype=np.bool_)  # vt.local_sides
+TTLS = np.array(sorted(INITIAL_TTLS), dtype=np.int64)
+CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open"]
+WHO = ["client", "server", "both", "none"]
+MAX_EVENTS = 16
+MAX_HISTORY = 8
+# per-connection floats (NaN: None)
+(N_FIN_TS0, N_FIN_TS1, N_TW_START, N_TW_END, N_CLOSE_WAIT0, N_CLOSE_WAIT1, N_FIN_WAIT2_0,
+ N_FIN_WAIT2_1, N_TEARDOWN, N_LAST_DATA) = range(10)
+# per-connection integers
+(I_OK, I_CLOSE, I_ACTIVE, I_TW_SIDE, I_BYTES0, I_BYTES1, I_NEVENTS, I_STATE0, I_STATE1,
+ I_NHIST0, I_NHIST1) = range(11)
+# per-event fields (ev_i; the time is ev_t)
+E_SIDE, E_KIND, E_FROM, E_TO, E_DETAIL, E_VALUE = range(6)
+
+
+@numba.njit(cache=True, inline="always")
+def _after(a, b):
+    return 0 < (a - b) % MOD < HALF
+
+
+@numba.njit(cache=True)
+def _handle(ints, times, states, s, event, t):
+    """tcpstate.Endpoint.handle: returns the old state, -1 if nothing moved (-2: no room)."""
+    old = ints[I_STATE0 + s]
+    new = TRANSITIONS[old, event]
+    if new < 0 or new == old:
+        return -1
+    k = ints[I_NHIST0 + s]
+    if k == times.shape[1]:
+        return -2
+    ints[I_STATE0 + s] = new
+    times[s, k] = t
+    states[s, k] = new
+    ints[I_NHIST0 + s] = k + 1
+    return old
+
+
+@numba.njit(cache=True)
+def _state_at(ints, times, states, s, t):
+    """tcpstate.Endpoint.state_at as a code, -1 for None."""
+    i = 0
+    while i < ints[I_NHIST0 + s] and times[s, i] <= t:
+        i += 1
+    return states[s, i - 1] if i else -1
+
+
+@numba.njit(cache=True)
+def _event(ints, ev_t, ev_i, t, s, kind, a, b, detail, value):
+    k = ints[I_NEVENTS]
+    ev_t[k] = t
+    ev_i[k, E_SIDE] = s
+    ev_i[k, E_KIND] = kind
+    ev_i[k, E_FROM] = a
+    ev_i[k, E_TO] = b
+    ev_i[k, E_DETAIL] = detail
+    ev_i[k, E_VALUE] = value
+    ints[I_NEVENTS] = k + 1
+
+
+@numba.njit(cache=True)
+def _time_in(times, states, n, s, state, end):
+    """detectors._time_in(ep, end)[state], NaN when the endpoint never was in it."""
+    total = np.nan
+    for k in range(n):
+        if states[s, k] == state:
+            until = times[s, k + 1] if k + 1 < n else end
+            total = (0.0 if np.isnan(total) else total) + (until - times[s, k])
+    return total
+
+
+@numba.njit(cache=True)
+def _one(lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture_end, two_msl,
+         ev_t, ev_i, times, states, num, ints):
+    """Connection rows lo..hi (time order), seen from vantage v: its outputs; ints[I_OK]
+    stays 0 if the kernel cannot vouch for it."""
+    # teardown.collect, giving up at anything but a clean close
+    nsyn = np.zeros(2, np.int64)
+    syn_row = np.full(2, -1, np.int64)
+    fin_row = np.full(2, -1, np.int64)
+    fin_seq = np.zeros(2, np.int64)
+    ack_first = np.full(2, -1, np.int64)  # first and last rows acknowledging side s's FIN
+    ack_last = np.full(2, -1, np.int64)
+    fin_acks_peer = np.zeros(2, np.bool_)  # side s's FIN acknowledges the peer's FIN
+    snd_end = np.full(2, -1, np.int64)
+    last_win = np.full(2, -1, np.int64)
+    first_ttl = np.full(2, -1, np.int64)
+    last_data0 = -1
+    for i in range(lo, hi):
+        s = d[i]
+        p = 1 - s
+        fl = flags[i]
+        n = plen[i]
+        ints[I_BYTES0 + s] += n
+        if first_ttl[s] < 0:
+            first_ttl[s] = ttl[i]
+        if fl & RST or (fl & SYN and fl & FIN):
+            return
+        if fl & SYN:
+            nsyn[s] += 1
+            syn_row[s] = i
+        end = (seq[i] + n + (1 if fl & (SYN | FIN) else 0)) % MOD
+        if (not fl & (SYN | FIN | RST) and n <= 1 and snd_end[s] >= 0
+                and (seq[i] + 1) % MOD == snd_end[s] and last_win[p] != 0
+                and (n == 0 or ts[i] - ts[max(i - 1, lo)] > 1.0)):
+            return  # a keepalive
+        if fl & FIN:
+            if fin_row[s] >= 0:
+                return  # a retransmitted FIN
+            fin_row[s] = i
+            fin_seq[s] = (seq[i] + n) % MOD
+        if n and fin_row[p] >= 0 and (snd_end[s] < 0 or _after((seq[i] + n) % MOD, snd_end[s])):
+            return  # data after the peer's FIN: a half-close
+        if fl & ACK and fin_row[p] >= 0 and (ack[i] - (fin_seq[p] + 1) % MOD) % MOD < HALF:
+            if ack_first[p] < 0:
+                ack_first[p] = i
+            ack_last[p] = i
+            if i == fin_row[s]:
+                fin_acks_peer[s] = True
+        if snd_end[s] < 0 or _after(end, snd_end[s]):
+            snd_end[s] = end
+        last_win[s] = win[i]
+        if s == 0 and n:
+            last_data0 = i
+    if nsyn[0] != 1 or nsyn[1] != 1 or flags[syn_row[0]] & ACK or not flags[syn_row[1]] & ACK:
+        return
+    closed = fin_row[0] >= 0 and fin_row[1] >= 0  # else still open: no FIN at all
+    if syn_row[0] > syn_row[1] or closed != (fin_row[0] >= 0 or fin_row[1] >= 0) \
+            or closed and (ack_first[0] < 0 or ack_first[1] < 0):
+        return
+    # detectors.handshake_rows: the SYN, the SYN-ACK, the client's ACK of it
+    k = syn_row[1]
+    est = -1
+    for i in range(k, hi):
+        if d[i] == 0 and flags[i] & (SYN | RST | ACK) == ACK and (ack[i] - seq[k] - 1) % MOD < HALF:
+            est = i
+            break
+    if est < 0:
+        return
+    local0, local1 = LOCAL[v, 0], LOCAL[v, 1]
+    for s in range(2):  # detectors._ipid_gap: FIN copies lost before the capture point
+        tx = fin_row[s]
+        if not closed or LOCAL[v, s] or ipid[tx] <= 0:
+            continue
+        count, prev, last, steady = 0, -1, -1, True
+        for j in range(lo, tx):
+            if d[j] == s:
+                if count and (ipid[j] - prev) % 65536 != 1:
+                    steady = False
+                    break
+                count, prev, last = count + 1, ipid[j], j
+        if steady and count >= 3 and (seq[last] + plen[last]) % MOD == seq[tx] \
+                and 0 < (ipid[tx] - prev - 1) % 65536 <= 16:
+            return
+    # reconstruct's automaton inputs, in its order: (time, order, side, input, kind, detail)
+    in_t = np.empty(10, np.float64)
+    in_i = np.empty((10, 5), np.int64)
+    m = 0
+    for t, order, s, event, kind, detail in (
+            (ts[syn_row[0]], 1, 0, SEND_SYN, K_SYN, 0),
+            (ts[k], 1, 1, RECV_SYN, K_SYN_ACK, 0),
+            (ts[k] if local0 else ts[est], 1 if local0 else 0, 0, RECV_SYNACK, K_ESTABLISHED, 0),
+            (ts[est], 1, 1, RECV_ACK_OF_SYN, K_ESTABLISHED, 0)):
+        in_t[m] = t
+        in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = order, s, event, kind, detail
+        m += 1
+    for s in range(2 if closed else 0):
+        tx = fin_row[s]
+        in_t[m] = ts[tx]
+        in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = 1, s, SEND_FIN, K_FIN, 1 if plen[tx] else 0
+        m += 1
+        receiver_local = local1 if s == 0 else local0
+        if receiver_local:  # Context.fin_received_at
+            got = ts[tx]
+        else:
+            got = ts[ack_first[s]]
+            for i in range(tx + 1, ack_first[s]):
+                if d[i] == s:
+                    got = ts[i]
+                    break
+        in_t[m] = got
+        in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = (
+            2 if receiver_local else 0, 1 - s, RECV_FIN, K_STATE, 2 + s)
+        m += 1
+        in_t[m] = ts[ack_first[s]]  # Context.fin_ack_received_at: the first ACK (one FIN copy)
+        in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = 1, s, RECV_ACK_OF_FIN, K_STATE, 4 + s
+        m += 1
+    for a in range(1, m):  # stable insertion sort by (time, order)
+        b = a
+        while b > 0 and (in_t[b - 1] > in_t[b] or in_t[b - 1] == in_t[b] and in_i[b - 1, 0] > in_i[b, 0]):
+            in_t[b - 1], in_t[b] = in_t[b], in_t[b - 1]
+            for c in range(5):
+                in_i[b - 1, c], in_i[b, c] = in_i[b, c], in_i[b - 1, c]
+            b -= 1
+    # the automaton: the client starts CLOSED, the server LISTEN at the first packet
+    times[1, 0] = ts[lo]
+    states[1, 0] = LISTEN
+    ints[I_STATE1] = LISTEN
+    ints[I_NHIST1] = 1
+    for a in range(m):
+        s, event, kind = in_i[a, 1], in_i[a, 2], in_i[a, 3]
+        old = _handle(ints, times, states, s, event, in_t[a])
+        if old == -2:
+            return
+        if old < 0 and kind == K_STATE:
+            continue
+        cur = ints[I_STATE0 + s]
+        _event(ints, ev_t, ev_i, in_t[a], s, kind, old if old >= 0 else cur, cur, in_i[a, 4], 0)
+    # detectors.time_wait
+    tw_side = -1
+    tw_end = np.full(2, np.nan)
+    for s in range(2):
+        start = np.nan
+        for j in range(ints[I_NHIST0 + s]):
+            if states[s, j] == TIME_WAIT:
+                start = times[s, j]
+                break
+        if np.isnan(start):
+            continue
+        if ts[fin_row[1 - s]] > start:
+            return  # a FIN copy after TIME_WAIT began: re-ACKs restart it, in Python
+        last = max(ts[ack_last[1 - s]], start)
+        tw_end[s] = last + two_msl
+        num[N_TW_START] = start if np.isnan(num[N_TW_START]) else min(num[N_TW_START], start)
+        num[N_TW_END] = tw_end[s] if np.isnan(num[N_TW_END]) else max(num[N_TW_END], tw_end[s])
+        tw_side = s if tw_side < 0 else 2
+    ints[I_TW_SIDE] = tw_side if tw_side >= 0 else 3
+    for s in range(2):
+        if not np.isnan(tw_end[s]) and tw_end[s] <= capture_end:
+            old = _handle(ints, times, states, s, TIMEWAIT_EXPIRED, tw_end[s])
+            if old == -2:
+                return
+            if old >= 0:
+                _event(ints, ev_t, ev_i, tw_end[s], s, K_STATE, old, ints[I_STATE0 + s], 6, 0)
+    for s in range(2 if closed else 0):  # the peer's ACK of each FIN
+        i = ack_first[s]
+        st = _state_at(ints, times, states, 1 - s, ts[i])
+        _event(ints, ev_t, ev_i, ts[i], 1 - s, K_ACK_OF_FIN, st, st, D_ACK, ack[i])
+    n_ev = ints[I_NEVENTS]
+    for a in range(1, n_ev):  # rows.sort(key=time), stable
+        b = a
+        while b > 0 and ev_t[b - 1] > ev_t[b]:
+            ev_t[b - 1], ev_t[b] = ev_t[b], ev_t[b - 1]
+            for c in range(6):
+                ev_i[b - 1, c], ev_i[b, c] = ev_i[b, c], ev_i[b - 1, c]
+            b -= 1
+    # detectors.connection_fields
+    if not closed:
+        active = 3
+    elif fin_acks_peer[0] and not fin_acks_peer[1]:
+        active, passive = 1, 0
+    elif fin_acks_peer[1] and not fin_acks_peer[0]:
+        active, passive = 0, 1
+    elif not fin_acks_peer[0] and not fin_acks_peer[1]:
+        active, passive = 2, -1
+    else:
+        active = 1 if ts[fin_row[1]] < ts[fin_row[0]] else 0
+        passive = 1 - active
+    ints[I_ACTIVE] = active
+    if active == 3:
+        ints[I_CLOSE] = 3
+    elif active == 2:
+        ints[I_CLOSE] = 2
+    else:
+        ints[I_CLOSE] = 0 if ack_first[active] == fin_row[passive] else 1
+    for s in range(2):
+        num[N_CLOSE_WAIT0 + s] = _time_in(times, states, ints[I_NHIST0 + s], s, CLOSE_WAIT, capture_end)
+        num[N_FIN_WAIT2_0 + s] = _time_in(times, states, ints[I_NHIST0 + s], s, FIN_WAIT_2, capture_end)
+    if closed:
+        num[N_FIN_TS0] = ts[fin_row[0]]
+        num[N_FIN_TS1] = ts[fin_row[1]]
+        first_td = min(ts[fin_row[0]], ts[fin_row[1]])
+        last_td = max(max(ts[fin_row[0]], ts[fin_row[1]]), max(ts[ack_last[0]], ts[ack_last[1]]))
+        num[N_TEARDOWN] = last_td - first_td
+    if last_data0 >= 0:
+        num[N_LAST_DATA] = ts[last_data0]
+    ints[I_OK] = 1
+
+
+@numba.njit(cache=True)
+def _reconstruct(starts, ends, ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage, capture_end,
+                 two_msl, ev_t, ev_i, times, states, num, ints):
+    for c in range(len(starts)):
+        _one(starts[c], ends[c], ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage[c], capture_end,
+             two_msl, ev_t[c], ev_i[c], times[c], states[c], num[c], ints[c])
+        if not ints[c, I_OK]:
+            ints[c, I_NEVENTS] = 0
+
+
+def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
+                      vantage: np.ndarray, capture_end: float, msl: float):
+    """Run the kernel over every connection (rows starts[k]..ends[k] of `cols`, the Flow
+    columns in (connection, time) order; `vantage`: VANTAGES codes). Returns the arrays it
+    filled; `ints[:, I_OK]` marks the connections it did."""
+    n = len(starts)
+    ev_t = np.zeros((n, MAX_EVENTS))
+    ev_i = np.zeros((n, MAX_EVENTS, 6), dtype=np.int64)
+    times = np.zeros((n, 2, MAX_HISTORY))
+    states = np.zeros((n, 2, MAX_HISTORY), dtype=np.int64)
+    num = np.full((n, 10), np.nan)
+    ints = np.zeros((n, 11), dtype=np.int64)
+    _reconstruct(starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
+                 cols["plen"], cols["win"], cols["ttl"], cols["ipid"], vantage, capture_end, 2 * msl,
+                 ev_t, ev_i, times, states, num, ints)
+    return ev_t, ev_i, times, states, num, ints
+
+
+def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: float, msl: float,
+                      details: dict[str, str]):
+    """The kernel's connections as analysis.build holds them: their conn_ids, their
+    connection-table columns, their events (columns) and their (client, server) Endpoints.
+    `flows`: analysis._Flows; `ids`: its conn_ids in its order; `vantage`: see `vantages`."""
+    ev_t, ev_i, times, states, num, ints = reconstruct_clean(
+        flows.cols, flows.starts, flows.ends, vantage, capture_end, msl)
+    ok = np.flatnonzero(ints[:, I_OK])
+    cid = [ids[k] for k in ok.tolist()]
+    ts, names = flows.cols["ts"], STATES + [""]  # code -1: no state
+    i, x = ints[ok].T, num[ok].T
+
+    def floats(col, digits=None):  # NaN -> None, rounded as round(x, 6) would
+        return [None if math.isnan(v) else v if digits is None else round(v, digits) for v in col.tolist()]
+
+    def longest(a, b):  # detectors._longest
+        return [max(v for v in pair if v is not None) if pair != (None, None) else None
+                for pair in zip(floats(a, 6), floats(b, 6))]
+
+    n = len(ok)
+    http = http_columns(flows.cols["d"], flows.cols["http"], flows.cols["plen"], flows.starts)
+    table = {
+        "conn_id": cid, "first_ts": ts[flows.starts[ok]].tolist(), "last_ts": ts[flows.ends[ok] - 1].tolist(),
+        "handshake": ["complete"] * n, "vantage": [VANTAGES[v] for v in vantage[ok].tolist()],
+        "close_type": [CLOSE_TYPES[v] for v in i[I_CLOSE].tolist()],
+        "active_closer": [WHO[v] for v in i[I_ACTIVE].tolist()],
+        "client_state_end": [STATES[v] for v in i[I_STATE0].tolist()],
+        "server_state_end": [STATES[v] for v in i[I_STATE1].tolist()],
+        "client_fin_ts": floats(x[N_FIN_TS0]), "server_fin_ts": floats(x[N_FIN_TS1]),
+        "client_fin_retransmits": [0] * n, "server_fin_retransmits": [0] * n,
+        "client_fin_backoff": [[] for _ in range(n)], "server_fin_backoff": [[] for _ in range(n)],
+        "fin_rto_estimate": [None] * n, "fin_backoff_exponential": [None] * n,
+        "orphan_retries_estimate": [None] * n, "lost_waves": [[] for _ in range(n)],
+        "losses": [[] for _ in range(n)], "rst_by": ["none"] * n, "rst_kind": [None] * n,
+        "time_wait_side": [WHO[v] for v in i[I_TW_SIDE].tolist()],
+        "time_wait_start": floats(x[N_TW_START]), "time_wait_end": floats(x[N_TW_END]),
+        "time_wait_restarts": [0] * n, "half_close_bytes": [0] * n,
+        "close_wait_s": longest(x[N_CLOSE_WAIT0], x[N_CLOSE_WAIT1]),
+        "fin_wait2_s": longest(x[N_FIN_WAIT2_0], x[N_FIN_WAIT2_1]),
+        "fin_wait2_timeout": [False] * n, "client_keepalives": [0] * n, "server_keepalives": [0] * n,
+        "unanswered_keepalives": [0] * n, "teardown_s": floats(x[N_TEARDOWN], 6),
+        "packets": (flows.ends[ok] - flows.starts[ok]).tolist(),
+        "client_bytes": i[I_BYTES0].tolist(), "server_bytes": i[I_BYTES1].tolist(),
+        "client_last_data_ts": floats(x[N_LAST_DATA]),
+        **{name: [col[k] for k in ok.tolist()] for name, col in http.items()},
+    }
+    # events: each connection's rows in its order
+    counts = i[I_NEVENTS]
+    live = np.arange(MAX_EVENTS) < counts[:, None]
+    e, t = ev_i[ok][live], ev_t[ok][live]
+    text = DETAILS + [None]
+    detail = [details.setdefault(d, d) if d is not None else f"ack {v}" for d, v in
+              zip((text[c] for c in e[:, E_DETAIL].tolist()), e[:, E_VALUE].tolist())]
+    events = {"conn_id": np.repeat(cid, counts).tolist(), "ts": t.tolist(),
+              "side": [("client", "server")[s] for s in e[:, E_SIDE].tolist()],
+              "kind": [KINDS[k] for k in e[:, E_KIND].tolist()],
+              "state_from": [names[k] for k in e[:, E_FROM].tolist()],
+              "state_to": [names[k] for k in e[:, E_TO].tolist()], "detail": detail}
+    endpoints = {}
+    for c, nh, th, sh, st in zip(cid, i[[I_NHIST0, I_NHIST1]].T.tolist(), times[ok].tolist(),
+                                 states[ok].tolist(), i[[I_STATE0, I_STATE1]].T.tolist()):
+        endpoints[c] = tuple(Endpoint(STATES[st[s]], th[s][:nh[s]], [STATES[x] for x in sh[s][:nh[s]]])
+                             for s in (0, 1))
+    return cid, table, events, endpoints
+
+
+@numba.njit(cache=True)
+def _vantage(lo, hi, ts, d, flags, seq, ack, ttl):
+    """analysis._with_vantages for one connection: from the handshake's timing
+    (detectors.handshake_rows, vantage.from_handshake), else its TTLs (vantage.from_ttls)."""
+    k = -1
+    for i in range(lo, hi):
+        if d[i] == 1 and flags[i] & (SYN | ACK) == SYN | ACK:
+            k = i
+            break
+    if k >= 0:
+        syn = -1
+        for i in range(k - 1, lo - 1, -1):
+            if d[i] == 0 and flags[i] & (SYN | ACK) == SYN:
+                syn = i
+                break
+        est = -1
+        for i in range(k, hi):
+            if d[i] == 0 and flags[i] & (SYN | RST | ACK) == ACK and (ack[i] - seq[k] - 1) % MOD < HALF:
+                est = i
+                break
+        if syn >= 0 and est >= 0:
+            g1, g2 = ts[k] - ts[syn], ts[est] - ts[k]
+            if not (g1 < 0 or g2 < 0 or g1 + g2 < 200e-6):
+                return 0 if g2 < RATIO * g1 else 1 if g1 < RATIO * g2 else 2
+    first = np.full(2, -1, np.int64)
+    for i in range(lo, hi):
+        if first[d[i]] < 0:
+            first[d[i]] = ttl[i]
+    if first[0] < 0 or first[1] < 0:
+        return UNDECIDED
+    c_init = s_init = False
+    for x in TTLS:
+        c_init |= first[0] == x
+        s_init |= first[1] == x
+    if c_init != s_init:
+        return 0 if c_init else 1
+    return 2 if not c_init else UNDECIDED
+
+
+@numba.njit(cache=True)
+def _vantages(starts, ends, ts, d, flags, seq, ack, ttl, loopback, out):
+    for c in range(len(starts)):
+        out[c] = 3 if loopback[c] else _vantage(starts[c], ends[c], ts, d, flags, seq, ack, ttl)
+
+
+def vantages(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
+             client_ip: np.ndarray, server_ip: np.ndarray, loopback: np.ndarray) -> np.ndarray:
+    """Every connection's vantage as a VANTAGES code: those its own packets leave undecided
+    go to the side whose host other connections placed the capture point on more often."""
+    out = np.empty(len(starts), dtype=np.int64)
+    _vantages(starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
+              cols["ttl"], loopback, out)
+    undecided = out == UNDECIDED
+    if undecided.any():
+        votes = pd.Series(np.concatenate([client_ip[out == 0], server_ip[out == 1]])).value_counts()
+        c = pd.Series(client_ip[undecided]).map(votes).fillna(0).to_numpy()
+        s = pd.Series(server_ip[undecided]).map(votes).fillna(0).to_numpy()
+        out[undecided] = np.where(c > s, 0, np.where(s > c, 1, VANTAGES.index("unknown")))
+    return out
