@@ -306,7 +306,8 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     events: dict[str, list] = {k: [] for k in EVENT_COLUMNS}
     details: dict[str, str] = {}  # one object per distinct text: most repeat ("2MSL expired")
     endpoints = {}
-    if use_compiled(len(flows.cols["ts"]) >= COMPILED_MIN_SEGMENTS):
+    compiled = use_compiled(len(seg) >= COMPILED_MIN_SEGMENTS)  # numba kernels, Python for the rest
+    if compiled:
         todo = _compiled(flows, conns, capture_end, params, rows, events, endpoints, details)
         if progress is not None:
             progress(len(endpoints), len(flows))
@@ -327,7 +328,7 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
                         pd.DataFrame(columns=EVENT_COLUMNS), params, {})
     table = conns.merge(pd.DataFrame(rows), on="conn_id", how="left")
     del rows
-    table = table.merge(_zeek_table(wire, inferred), on="conn_id", how="left")
+    table = table.merge(_zeek_table(wire, inferred, compiled), on="conn_id", how="left")
     table, reuse_events = _reuse(table, flows, endpoints)
     del wire, flows  # their copy of the segment columns
     _extend(events, reuse_events)
@@ -350,11 +351,11 @@ def _extend(columns: dict[str, list], rows: list[tuple]) -> None:
         column.extend(values)
 
 
-def _zeek_table(wire: _Flows, inferred: dict) -> pd.DataFrame:
-    """conn_id and Zeek's conn.log columns of every connection: compiled for big captures,
-    the reference replay (zeek.zeek_fields) for small ones and what the compiled one hands back."""
+def _zeek_table(wire: _Flows, inferred: dict, compiled: bool) -> pd.DataFrame:
+    """conn_id and Zeek's conn.log columns of every connection: `compiled`, or by the reference
+    replay (zeek.zeek_fields), which also does what the compiled one hands back."""
     ids = list(wire)
-    if use_compiled(len(wire.cols["ts"]) >= COMPILED_MIN_SEGMENTS):
+    if compiled:
         from .fastzeek import zeek_columns
         c = wire.cols
         flipped = [zeek.flipped(d, fl, inferred[cid]) for cid, d, fl in

@@ -46,8 +46,8 @@ LOCAL = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]], dtype=np.bool_)  # vt
 TTLS = np.array(sorted(INITIAL_TTLS), dtype=np.int64)
 CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open"]
 WHO = ["client", "server", "both", "none"]
-MAX_EVENTS = 16
-MAX_HISTORY = 8
+MAX_EVENTS = 16  # a clean close makes at most 14: 4 handshake, 3 per FIN, 2 TIME_WAIT ends
+MAX_HISTORY = 8  # states per endpoint; a connection that needs more goes to Python
 # per-connection floats (NaN: None)
 (N_FIN_TS0, N_FIN_TS1, N_TW_START, N_TW_END, N_CLOSE_WAIT0, N_CLOSE_WAIT1, N_FIN_WAIT2_0,
  N_FIN_WAIT2_1, N_TEARDOWN, N_LAST_DATA) = range(10)

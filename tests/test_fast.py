@@ -135,12 +135,14 @@ ANALYZABLE = [p for p in FILES if not isinstance(read(p, False), str)]
 
 
 @pytest.fixture
-def small_zeek_buffers(monkeypatch):
-    """History and reassembly buffers so small that many connections overflow them and go
-    back to the reference replay: both halves of the compiled path are compared."""
-    from pcapflow import fastzeek
+def small_buffers(monkeypatch):
+    """Zeek history and reassembly buffers, and state histories, so small that many
+    connections overflow them and go back to the Python reference: both halves of the
+    compiled path are compared, and their seams."""
+    from pcapflow import fastteardown, fastzeek
     monkeypatch.setattr(fastzeek, "MAX_HISTORY", 6)
     monkeypatch.setattr(fastzeek, "MAX_BLOCKS", 2)
+    monkeypatch.setattr(fastteardown, "MAX_HISTORY", 3)
 
 
 @pytest.mark.parametrize("buffers", ["own", "small"])
@@ -149,7 +151,7 @@ def test_compiled_analysis_equals_reference(path, buffers, monkeypatch, request)
     """The whole connections and events tables, compiled analysis stages against the Python
     reference, on the same segment table."""
     if buffers == "small":
-        request.getfixturevalue("small_zeek_buffers")
+        request.getfixturevalue("small_buffers")
     seg, infos = read_captures(path, fast=False)
     monkeypatch.setenv("PCAPFLOW_FAST", "0")
     ref = build(seg, infos, Params())
