@@ -176,3 +176,23 @@ def test_duplicates_by_hash_equal_duplicates_by_sorting_every_key(collide, monke
             assert (got == flows._mark_duplicates_by_keys(seg)).all(), path
             seen += got.sum()
     assert seen > 100  # captures taken with -i any on the router hold many
+
+
+def test_factorize_rows_packed_or_not_numbers_rows_in_order_of_first_appearance():
+    import numpy as np
+
+    from pcapflow.capture import factorize_rows
+    rng = np.random.default_rng(7)
+    cases = [(rng.integers(0, 5, 1000), rng.integers(0, 3, 1000)),  # packed in one int64
+             (rng.integers(4, 7, 300), np.zeros(300, np.int64), rng.integers(0, 2**32, 300)),
+             (rng.integers(-5, 5, 300), rng.integers(0, 9, 300)),  # negative: a column at a time
+             (rng.integers(0, 2**62, 300), rng.integers(0, 9, 300)),  # too wide to pack
+             (np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    for cols in cases:
+        codes, levels = factorize_rows(*cols)
+        rows = list(zip(*(c.tolist() for c in cols)))
+        first: dict = {}
+        for r in rows:
+            first.setdefault(r, len(first))
+        assert codes.tolist() == [first[r] for r in rows]
+        assert list(zip(*(lv.tolist() for lv in levels))) == list(first)

@@ -248,9 +248,21 @@ class _Caps:
 
 def factorize_rows(*columns: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Codes of the distinct rows of these integer columns, numbered in order of first
-    appearance, and those rows' values (pandas hashing, a column at a time)."""
+    appearance, and those rows' values (pandas hashing: one pass over the columns packed in
+    one int64 when their values fit, else a column at a time)."""
+    widths = [int(c.max()).bit_length() if len(c) and c.min() >= 0 else 64 for c in columns]
+    if sum(widths) <= 63:
+        packed = np.zeros(len(columns[0]), dtype=np.int64)
+        for col, w in zip(columns, widths):
+            packed = (packed << w) | col.astype(np.int64)
+        codes, uniq = pd.factorize(packed)
+        levels, shift = [], sum(widths)
+        for col, w in zip(columns, widths):
+            shift -= w
+            levels.append(((uniq >> shift) & ((1 << w) - 1)).astype(col.dtype))
+        return codes, levels
     codes = np.zeros(len(columns[0]), dtype=np.int64)
-    levels: list[np.ndarray] = []
+    levels = []
     for col in columns:
         c, values = pd.factorize(col)
         codes, first = pd.factorize(codes * len(values) + c)  # distinct (rows so far, value)
