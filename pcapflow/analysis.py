@@ -420,7 +420,6 @@ def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Pa
         for k, values in fast_events.items():
             events[k].extend(values)
         endpoints.update(fast_endpoints)
-    del table, fast_events, fast_endpoints
     done = set(done)
     return ((cid, flows[cid], ft.VANTAGES[v]) for cid, v in zip(ids, vantage.tolist()) if cid not in done)
 

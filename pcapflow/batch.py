@@ -493,8 +493,8 @@ def _write_slices(frames: Iterable[pd.DataFrame], path: str) -> int:
     """Slices of one table into one Parquet file, the slices' schemas unified (a slice with no
     losses types `losses` as list<null>, another as list<struct>); returns the rows written."""
     parts, n = [], 0
-    for df in frames:
-        parts.append(f"{path}.{len(parts)}.tmp")
+    for df in frames:  # hidden names: readers of the dataset directory skip them
+        parts.append(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{len(parts)}.tmp"))
         write_table(df, parts[-1])
         n += len(df)
     if not parts:

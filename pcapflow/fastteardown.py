@@ -1,13 +1,13 @@
 """teardown.reconstruct compiled with numba, for the connections it can vouch for.
 
-Most connections of a big capture close cleanly: one SYN, one SYN-ACK, the ACK, one FIN from
-each side, each acknowledged, no RST, no keepalive, no data after a FIN; or are still open
-at the capture's end (no FIN, no RST, no keepalive). For those the
-kernel runs reconstruct's steps (the vantage, the automaton inputs and their order, the
-automaton of tcpstate.TRANSITIONS, TIME_WAIT, the events, the teardown columns) over the
-flow columns of all connections at once. Every other connection, and one whose vantage
-needs the hosts' votes, is left to the Python reference; tests/test_fast.py compares the
-whole analysis both ways on every capture we have.
+Most connections of a big capture close cleanly (one SYN, one SYN-ACK, the ACK, one FIN from
+each side, each acknowledged; no RST, keepalive, retransmitted FIN or data after a FIN) or
+are still open at the capture's end (no FIN at all). For those the kernel runs
+reconstruct's steps (the automaton inputs and their order, tcpstate.TRANSITIONS as a table,
+TIME_WAIT, the events, the teardown columns) over the flow columns of all connections at
+once; `vantages` decides every connection's vantage as analysis._with_vantages does. Every
+other connection is left to the Python reference; tests/test_fast.py compares the whole
+analysis both ways on every capture we have.
 """
 from __future__ import annotations
 
@@ -17,18 +17,19 @@ import numba
 import numpy as np
 import pandas as pd
 
-from . import tcpstate
+from . import tcpstate, vocab
 from .http import http_columns
 from .seq import ACK, FIN, HALF, MOD, RST, SYN
 from .tcpstate import Endpoint
 from .vantage import INITIAL_TTLS, RATIO
 
-STATES = ["CLOSED", "LISTEN", "SYN_SENT", "SYN_RECEIVED", "ESTABLISHED", "FIN_WAIT_1", "FIN_WAIT_2",
-          "CLOSING", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK", "UNKNOWN"]
+STATES = ["CLOSED", *(s for s in vocab.STATES if s != "CLOSED")]  # code 0: where a client starts
 INPUTS = [tcpstate.SEND_SYN, tcpstate.RECV_SYN, tcpstate.RECV_SYNACK, tcpstate.RECV_ACK_OF_SYN,
           tcpstate.SEND_FIN, tcpstate.RECV_FIN, tcpstate.RECV_ACK_OF_FIN, tcpstate.TIMEWAIT_EXPIRED]
 (SEND_SYN, RECV_SYN, RECV_SYNACK, RECV_ACK_OF_SYN, SEND_FIN, RECV_FIN, RECV_ACK_OF_FIN,
  TIMEWAIT_EXPIRED) = range(len(INPUTS))
+# tcpstate's table and vantage's constants go to the kernels as arguments, never as globals:
+# numba's cache would keep globals of other modules frozen when those modules change
 TRANSITIONS = np.full((len(STATES), len(INPUTS)), -1, dtype=np.int64)  # -1: no move
 for (_state, _input), _new in tcpstate.TRANSITIONS.items():
     if _input in INPUTS:
@@ -64,10 +65,10 @@ def _after(a, b):
 
 
 @numba.njit(cache=True)
-def _handle(ints, times, states, s, event, t):
+def _handle(moves, ints, times, states, s, event, t):
     """tcpstate.Endpoint.handle: returns the old state, -1 if nothing moved (-2: no room)."""
     old = ints[I_STATE0 + s]
-    new = TRANSITIONS[old, event]
+    new = moves[old, event]
     if new < 0 or new == old:
         return -1
     k = ints[I_NHIST0 + s]
@@ -114,7 +115,7 @@ def _time_in(times, states, n, s, state, end):
 
 
 @numba.njit(cache=True)
-def _one(lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture_end, two_msl,
+def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture_end, two_msl,
          ev_t, ev_i, times, states, num, ints):
     """Connection rows lo..hi (time order), seen from vantage v: its outputs; ints[I_OK]
     stays 0 if the kernel cannot vouch for it."""
@@ -243,7 +244,7 @@ def _one(lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture_end, t
     ints[I_NHIST1] = 1
     for a in range(m):
         s, event, kind = in_i[a, 1], in_i[a, 2], in_i[a, 3]
-        old = _handle(ints, times, states, s, event, in_t[a])
+        old = _handle(moves, ints, times, states, s, event, in_t[a])
         if old == -2:
             return
         if old < 0 and kind == K_STATE:
@@ -271,7 +272,7 @@ def _one(lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture_end, t
     ints[I_TW_SIDE] = tw_side if tw_side >= 0 else 3
     for s in range(2):
         if not np.isnan(tw_end[s]) and tw_end[s] <= capture_end:
-            old = _handle(ints, times, states, s, TIMEWAIT_EXPIRED, tw_end[s])
+            old = _handle(moves, ints, times, states, s, TIMEWAIT_EXPIRED, tw_end[s])
             if old == -2:
                 return
             if old >= 0:
@@ -322,10 +323,10 @@ def _one(lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture_end, t
 
 
 @numba.njit(cache=True)
-def _reconstruct(starts, ends, ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage, capture_end,
+def _reconstruct(moves, starts, ends, ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage, capture_end,
                  two_msl, ev_t, ev_i, times, states, num, ints):
     for c in range(len(starts)):
-        _one(starts[c], ends[c], ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage[c], capture_end,
+        _one(moves, starts[c], ends[c], ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage[c], capture_end,
              two_msl, ev_t[c], ev_i[c], times[c], states[c], num[c], ints[c])
         if not ints[c, I_OK]:
             ints[c, I_NEVENTS] = 0
@@ -343,7 +344,7 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     states = np.zeros((n, 2, MAX_HISTORY), dtype=np.int64)
     num = np.full((n, 10), np.nan)
     ints = np.zeros((n, 11), dtype=np.int64)
-    _reconstruct(starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
+    _reconstruct(TRANSITIONS, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
                  cols["plen"], cols["win"], cols["ttl"], cols["ipid"], vantage, capture_end, 2 * msl,
                  ev_t, ev_i, times, states, num, ints)
     return ev_t, ev_i, times, states, num, ints
@@ -416,7 +417,7 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
 
 
 @numba.njit(cache=True)
-def _vantage(lo, hi, ts, d, flags, seq, ack, ttl):
+def _vantage(ttls, ratio, lo, hi, ts, d, flags, seq, ack, ttl):
     """analysis._with_vantages for one connection: from the handshake's timing
     (detectors.handshake_rows, vantage.from_handshake), else its TTLs (vantage.from_ttls)."""
     k = -1
@@ -438,7 +439,7 @@ def _vantage(lo, hi, ts, d, flags, seq, ack, ttl):
         if syn >= 0 and est >= 0:
             g1, g2 = ts[k] - ts[syn], ts[est] - ts[k]
             if not (g1 < 0 or g2 < 0 or g1 + g2 < 200e-6):
-                return 0 if g2 < RATIO * g1 else 1 if g1 < RATIO * g2 else 2
+                return 0 if g2 < ratio * g1 else 1 if g1 < ratio * g2 else 2
     first = np.full(2, -1, np.int64)
     for i in range(lo, hi):
         if first[d[i]] < 0:
@@ -446,7 +447,7 @@ def _vantage(lo, hi, ts, d, flags, seq, ack, ttl):
     if first[0] < 0 or first[1] < 0:
         return UNDECIDED
     c_init = s_init = False
-    for x in TTLS:
+    for x in ttls:
         c_init |= first[0] == x
         s_init |= first[1] == x
     if c_init != s_init:
@@ -455,9 +456,9 @@ def _vantage(lo, hi, ts, d, flags, seq, ack, ttl):
 
 
 @numba.njit(cache=True)
-def _vantages(starts, ends, ts, d, flags, seq, ack, ttl, loopback, out):
+def _vantages(ttls, ratio, starts, ends, ts, d, flags, seq, ack, ttl, loopback, out):
     for c in range(len(starts)):
-        out[c] = 3 if loopback[c] else _vantage(starts[c], ends[c], ts, d, flags, seq, ack, ttl)
+        out[c] = 3 if loopback[c] else _vantage(ttls, ratio, starts[c], ends[c], ts, d, flags, seq, ack, ttl)
 
 
 def vantages(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
@@ -465,7 +466,7 @@ def vantages(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
     """Every connection's vantage as a VANTAGES code: those its own packets leave undecided
     go to the side whose host other connections placed the capture point on more often."""
     out = np.empty(len(starts), dtype=np.int64)
-    _vantages(starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
+    _vantages(TTLS, RATIO, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
               cols["ttl"], loopback, out)
     undecided = out == UNDECIDED
     if undecided.any():

@@ -27,6 +27,9 @@ from .zeek import (
     conn_state,
 )
 
+# zeek.py's timers go to the kernel as an argument, not as globals: numba's cache would keep
+# another module's globals frozen when that module changes
+TIMERS = np.array([ATTEMPT_DELAY, CLOSE_DELAY, INACTIVITY, TOO_LARGE_SEQ_DELTA], dtype=np.float64)
 MAX_HISTORY = 48
 MAX_BLOCKS = 32
 # endpoint fields (rows of e)
@@ -175,8 +178,9 @@ def _ack_received(e, blk, hist, c, s, seq):
 
 
 @numba.njit(cache=True)
-def _replay_one(lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist):
-    """zeek.zeek_fields' loop for rows lo..hi: (start_time, last_time)."""
+def _replay_one(timers, lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist):
+    """zeek.zeek_fields' loop for rows lo..hi: (start_time, last_time). `timers`: TIMERS."""
+    attempt_delay, close_delay, inactivity, too_large = timers[0], timers[1], timers[2], timers[3]
     start_time = last_time = ts[lo]
     attempt_at = delete_at = np.inf
     for i in range(lo, hi):
@@ -186,7 +190,7 @@ def _replay_one(lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist):
             if t >= attempt_at and (e[0, E_STATE] == SYN_SENT or e[0, E_STATE] == SYN_ACK_SENT) \
                     and e[1, E_STATE] == INACTIVE:
                 break
-            if t >= delete_at or t - last_time > INACTIVITY:
+            if t >= delete_at or t - last_time > inactivity:
                 break
             if syn and not (has_ack and e[0, E_STATE] != INACTIVE):
                 if e[0, E_CLOSED] or e[1, E_CLOSED]:
@@ -252,10 +256,10 @@ def _replay_one(lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist):
                     rel_ack = 0
                 elif not rst:
                     dd = _delta32(ak, e[p, E_ACK])
-                    if dd > 0 and not (ak == 0 and dd > TOO_LARGE_SEQ_DELTA):
+                    if dd > 0 and not (ak == 0 and dd > too_large):
                         e[p, E_ACK] += dd
         dl = _delta32(sq + seg_len, e[s, E_LAST])  # _update_last
-        if (syn or rst) and abs(dl) > TOO_LARGE_SEQ_DELTA:
+        if (syn or rst) and abs(dl) > too_large:
             pass
         elif fin and e[s, E_LAST] == e[s, E_START] + 1:
             e[s, E_LAST] += dl
@@ -271,7 +275,7 @@ def _replay_one(lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist):
             if syn:
                 if s == 0:
                     _set_state(e, s, SYN_ACK_SENT if has_ack else SYN_SENT)
-                    attempt_at = last_time + ATTEMPT_DELAY
+                    attempt_at = last_time + attempt_delay
                 else:
                     if e[p, E_STATE] == SYN_SENT:
                         _set_state(e, p, ESTABLISHED)
@@ -301,7 +305,7 @@ def _replay_one(lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist):
         elif st == CLOSED and rst and e[p, E_STATE] != CLOSED:
             _set_state(e, s, RESET)
             close = not e[s, E_CLOSED]
-            delete_at = min(delete_at, last_time + CLOSE_DELAY)
+            delete_at = min(delete_at, last_time + close_delay)
         if has_ack:
             _ack_received(e, blk, hist, c, p, rel_ack)
         if pl and not rst and not underflow:
@@ -309,13 +313,13 @@ def _replay_one(lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist):
         if close and not e[s, E_CLOSED]:  # ConnectionClosed()
             e[s, E_CLOSED] = 1
             if e[s, E_STATE] == RESET or e[p, E_CLOSED] or e[p, E_STATE] == INACTIVE:
-                delete_at = min(delete_at, last_time + CLOSE_DELAY)
+                delete_at = min(delete_at, last_time + close_delay)
         c[C_SEEN0 + s] = 1
     return start_time, last_time
 
 
 @numba.njit(cache=True)
-def _replay(starts, ends, flipped, d, flags, seq, ack, plen, win, ts, out, hist, blk):
+def _replay(timers, starts, ends, flipped, d, flags, seq, ack, plen, win, ts, out, hist, blk):
     e = np.zeros((2, E_SIZE), dtype=np.int64)
     c = np.zeros(7, dtype=np.int64)
     for k in range(len(starts)):
@@ -327,7 +331,7 @@ def _replay(starts, ends, flipped, d, flags, seq, ack, plen, win, ts, out, hist,
             hist[k, 0] = 94  # '^'
             c[C_HLEN] = 1
         lo, hi = starts[k], ends[k]
-        t0, t1 = _replay_one(lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist[k])
+        t0, t1 = _replay_one(timers, lo, hi, d, flags, seq, ack, plen, win, ts, e, blk, c, hist[k])
         out[k, O_OVERFLOW] = c[C_OVERFLOW]
         out[k, O_OPKTS] = c[C_PKTS0]
         out[k, O_RPKTS] = c[C_PKTS1]
@@ -347,7 +351,7 @@ def zeek_columns(starts: np.ndarray, ends: np.ndarray, flipped: np.ndarray, d: n
     n = len(starts)
     out = np.zeros((n, 9), dtype=np.int64)
     hist = np.zeros((n, MAX_HISTORY), dtype=np.uint8)
-    _replay(starts, ends, flipped, d, flags, seq, ack, plen, win, ts, out, hist,
+    _replay(TIMERS, starts, ends, flipped, d, flags, seq, ack, plen, win, ts, out, hist,
             np.zeros((2, MAX_BLOCKS, 2), dtype=np.int64))
     texts, codes = np.unique(hist.view(f"S{MAX_HISTORY}").ravel(), return_inverse=True)
     names = texts.astype(str).tolist()
