@@ -414,11 +414,9 @@ def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Pa
     vantage = ft.vantages(flows.cols, flows.starts, flows.ends, client_ip, server_ip, loopback)
     done, table, fast_events, fast_endpoints = ft.clean_connections(
         flows, ids, vantage, capture_end, params.msl, details)
-    if done:
-        for k, values in table.items():
-            rows[k].extend(values)
-        for k, values in fast_events.items():
-            events[k].extend(values)
+    if done:  # the first rows of both tables: the lists are taken, not copied
+        rows.update(table)
+        events.update(fast_events)
         endpoints.update(fast_endpoints)
     done = set(done)
     return ((cid, flows[cid], ft.VANTAGES[v]) for cid, v in zip(ids, vantage.tolist()) if cid not in done)

@@ -25,9 +25,10 @@ from .vantage import INITIAL_TTLS, RATIO
 
 STATES = ["CLOSED", *(s for s in vocab.STATES if s != "CLOSED")]  # code 0: where a client starts
 INPUTS = [tcpstate.SEND_SYN, tcpstate.RECV_SYN, tcpstate.RECV_SYNACK, tcpstate.RECV_ACK_OF_SYN,
-          tcpstate.SEND_FIN, tcpstate.RECV_FIN, tcpstate.RECV_ACK_OF_FIN, tcpstate.TIMEWAIT_EXPIRED]
+          tcpstate.SEND_FIN, tcpstate.RECV_FIN, tcpstate.RECV_ACK_OF_FIN, tcpstate.TIMEWAIT_EXPIRED,
+          tcpstate.SEND_RST, tcpstate.RECV_RST]
 (SEND_SYN, RECV_SYN, RECV_SYNACK, RECV_ACK_OF_SYN, SEND_FIN, RECV_FIN, RECV_ACK_OF_FIN,
- TIMEWAIT_EXPIRED) = range(len(INPUTS))
+ TIMEWAIT_EXPIRED, SEND_RST, RECV_RST) = range(len(INPUTS))
 # tcpstate's table and vantage's constants go to the kernels as arguments, never as globals:
 # numba's cache would keep globals of other modules frozen when those modules change
 TRANSITIONS = np.full((len(STATES), len(INPUTS)), -1, dtype=np.int64)  # -1: no move
@@ -36,16 +37,19 @@ for (_state, _input), _new in tcpstate.TRANSITIONS.items():
         TRANSITIONS[STATES.index(_state), INPUTS.index(_input)] = STATES.index(_new)
 LISTEN, TIME_WAIT, CLOSE_WAIT, FIN_WAIT_2 = (STATES.index(s) for s in (
     "LISTEN", "TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT_2"))
-KINDS = ["SYN", "SYN_ACK", "ESTABLISHED", "FIN", "STATE", "ACK_OF_FIN"]
-K_SYN, K_SYN_ACK, K_ESTABLISHED, K_FIN, K_STATE, K_ACK_OF_FIN = range(len(KINDS))
+KINDS = ["SYN", "SYN_ACK", "ESTABLISHED", "FIN", "STATE", "ACK_OF_FIN", "RST"]
+K_SYN, K_SYN_ACK, K_ESTABLISHED, K_FIN, K_STATE, K_ACK_OF_FIN, K_RST = range(len(KINDS))
 DETAILS = ["", "with data", "received client FIN", "received server FIN",
-           "server ACK of FIN received", "client ACK of FIN received", "2MSL expired"]
-D_ACK = len(DETAILS)  # the detail is "ack <the event's value>"
+           "server ACK of FIN received", "client ACK of FIN received", "2MSL expired", "refused",
+           "server RST received"]
+D_REFUSED, D_SERVER_RST = 7, 8
+D_ACK, D_RETRANSMISSION = len(DETAILS), len(DETAILS) + 1  # "ack <value>", "retransmission <value>"
 VANTAGES = ["client", "server", "middle", "both", "unknown"]
 UNDECIDED = len(VANTAGES)  # the same hosts' votes decide
 LOCAL = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]], dtype=np.bool_)  # vt.local_sides
 TTLS = np.array(sorted(INITIAL_TTLS), dtype=np.int64)
-CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open"]
+CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open", "refused", "unanswered"]
+HANDSHAKES = ["complete", "partial"]
 WHO = ["client", "server", "both", "none"]
 MAX_EVENTS = 16  # a clean close makes at most 14: 4 handshake, 3 per FIN, 2 TIME_WAIT ends
 MAX_HISTORY = 8  # states per endpoint; a connection that needs more goes to Python
@@ -54,7 +58,7 @@ MAX_HISTORY = 8  # states per endpoint; a connection that needs more goes to Pyt
  N_FIN_WAIT2_1, N_TEARDOWN, N_LAST_DATA) = range(10)
 # per-connection integers
 (I_OK, I_CLOSE, I_ACTIVE, I_TW_SIDE, I_BYTES0, I_BYTES1, I_NEVENTS, I_STATE0, I_STATE1,
- I_NHIST0, I_NHIST1) = range(11)
+ I_NHIST0, I_NHIST1, I_HANDSHAKE, I_RST_BY) = range(13)
 # per-event fields (ev_i; the time is ev_t)
 E_SIDE, E_KIND, E_FROM, E_TO, E_DETAIL, E_VALUE = range(6)
 
@@ -112,6 +116,98 @@ def _time_in(times, states, n, s, state, end):
             until = times[s, k + 1] if k + 1 < n else end
             total = (0.0 if np.isnan(total) else total) + (until - times[s, k])
     return total
+
+
+@numba.njit(cache=True)
+def _run(moves, in_t, in_i, m, ints, times, states, ev_t, ev_i):
+    """reconstruct's loop over its automaton inputs (time, order, side, input, kind, detail),
+    sorted by (time, order) as Python's stable sort does; False if a history overflowed."""
+    for a in range(1, m):  # stable insertion sort by (time, order)
+        b = a
+        while b > 0 and (in_t[b - 1] > in_t[b] or in_t[b - 1] == in_t[b] and in_i[b - 1, 0] > in_i[b, 0]):
+            in_t[b - 1], in_t[b] = in_t[b], in_t[b - 1]
+            for c in range(5):
+                in_i[b - 1, c], in_i[b, c] = in_i[b, c], in_i[b - 1, c]
+            b -= 1
+    for a in range(m):
+        s, event, kind = in_i[a, 1], in_i[a, 2], in_i[a, 3]
+        old = _handle(moves, ints, times, states, s, event, in_t[a])
+        if old == -2:
+            return False
+        if old < 0 and kind == K_STATE:
+            continue
+        cur = ints[I_STATE0 + s]
+        _event(ints, ev_t, ev_i, in_t[a], s, kind, old if old >= 0 else cur, cur, in_i[a, 4], 0)
+    return True
+
+
+@numba.njit(cache=True)
+def _sort_events(ints, ev_t, ev_i):
+    """rows.sort(key=time): stable."""
+    for a in range(1, ints[I_NEVENTS]):
+        b = a
+        while b > 0 and ev_t[b - 1] > ev_t[b]:
+            ev_t[b - 1], ev_t[b] = ev_t[b], ev_t[b - 1]
+            for c in range(6):
+                ev_i[b - 1, c], ev_i[b, c] = ev_i[b, c], ev_i[b - 1, c]
+            b -= 1
+
+
+@numba.njit(cache=True)
+def _attempt(moves, lo, hi, ts, d, flags, plen, ev_t, ev_i, times, states, num, ints):
+    """A connection attempt: SYNs from the client (the same ISN: one incarnation) and
+    nothing from the server but RSTs (refused) or nothing at all (unanswered)."""
+    rst0, rst_last = -1, -1
+    for i in range(lo, hi):
+        fl = flags[i]
+        if plen[i]:
+            return
+        if d[i] == 0:
+            if fl & (SYN | ACK | RST | FIN) != SYN:
+                return
+        else:
+            if not fl & RST or fl & (SYN | FIN):
+                return
+            rst0 = i if rst0 < 0 else rst0
+            rst_last = i
+    syn0 = -1  # the client's first packet: its first SYN
+    for i in range(lo, hi):
+        if d[i] == 0:
+            syn0 = i
+            break
+    if syn0 < 0:
+        return
+    in_t = np.empty(3, np.float64)
+    in_i = np.empty((3, 5), np.int64)
+    in_t[0] = ts[syn0]
+    in_i[0, 0], in_i[0, 1], in_i[0, 2], in_i[0, 3], in_i[0, 4] = 1, 0, SEND_SYN, K_SYN, 0
+    m = 1
+    if rst0 >= 0:
+        in_t[1] = ts[rst0]
+        in_i[1, 0], in_i[1, 1], in_i[1, 2], in_i[1, 3], in_i[1, 4] = 1, 1, SEND_RST, K_RST, D_REFUSED
+        in_t[2] = ts[rst0]
+        in_i[2, 0], in_i[2, 1], in_i[2, 2], in_i[2, 3], in_i[2, 4] = 3, 0, RECV_RST, K_STATE, D_SERVER_RST
+        m = 3
+    if not _run(moves, in_t, in_i, m, ints, times, states, ev_t, ev_i):
+        return
+    n = 0
+    for i in range(lo, hi):  # SYN retransmissions: events that move no state
+        if d[i] == 0:
+            if n:
+                if ints[I_NEVENTS] == ev_t.shape[0]:
+                    return
+                st = _state_at(ints, times, states, 0, ts[i])
+                _event(ints, ev_t, ev_i, ts[i], 0, K_SYN, st, st, D_RETRANSMISSION, n)
+            n += 1
+    _sort_events(ints, ev_t, ev_i)
+    ints[I_HANDSHAKE] = 1  # partial
+    ints[I_CLOSE] = 4 if rst0 >= 0 else 5
+    ints[I_ACTIVE] = 3
+    ints[I_TW_SIDE] = 3
+    ints[I_RST_BY] = 1 if rst0 >= 0 else 3
+    if rst0 >= 0:
+        num[N_TEARDOWN] = ts[rst_last] - ts[rst0]
+    ints[I_OK] = 1
 
 
 @numba.njit(cache=True)
@@ -230,27 +326,13 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         in_t[m] = ts[ack_first[s]]  # Context.fin_ack_received_at: the first ACK (one FIN copy)
         in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = 1, s, RECV_ACK_OF_FIN, K_STATE, 4 + s
         m += 1
-    for a in range(1, m):  # stable insertion sort by (time, order)
-        b = a
-        while b > 0 and (in_t[b - 1] > in_t[b] or in_t[b - 1] == in_t[b] and in_i[b - 1, 0] > in_i[b, 0]):
-            in_t[b - 1], in_t[b] = in_t[b], in_t[b - 1]
-            for c in range(5):
-                in_i[b - 1, c], in_i[b, c] = in_i[b, c], in_i[b - 1, c]
-            b -= 1
     # the automaton: the client starts CLOSED, the server LISTEN at the first packet
     times[1, 0] = ts[lo]
     states[1, 0] = LISTEN
     ints[I_STATE1] = LISTEN
     ints[I_NHIST1] = 1
-    for a in range(m):
-        s, event, kind = in_i[a, 1], in_i[a, 2], in_i[a, 3]
-        old = _handle(moves, ints, times, states, s, event, in_t[a])
-        if old == -2:
-            return
-        if old < 0 and kind == K_STATE:
-            continue
-        cur = ints[I_STATE0 + s]
-        _event(ints, ev_t, ev_i, in_t[a], s, kind, old if old >= 0 else cur, cur, in_i[a, 4], 0)
+    if not _run(moves, in_t, in_i, m, ints, times, states, ev_t, ev_i):
+        return
     # detectors.time_wait
     tw_side = -1
     tw_end = np.full(2, np.nan)
@@ -281,14 +363,7 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         i = ack_first[s]
         st = _state_at(ints, times, states, 1 - s, ts[i])
         _event(ints, ev_t, ev_i, ts[i], 1 - s, K_ACK_OF_FIN, st, st, D_ACK, ack[i])
-    n_ev = ints[I_NEVENTS]
-    for a in range(1, n_ev):  # rows.sort(key=time), stable
-        b = a
-        while b > 0 and ev_t[b - 1] > ev_t[b]:
-            ev_t[b - 1], ev_t[b] = ev_t[b], ev_t[b - 1]
-            for c in range(6):
-                ev_i[b - 1, c], ev_i[b, c] = ev_i[b, c], ev_i[b - 1, c]
-            b -= 1
+    _sort_events(ints, ev_t, ev_i)
     # detectors.connection_fields
     if not closed:
         active = 3
@@ -329,7 +404,19 @@ def _reconstruct(moves, starts, ends, ts, d, flags, seq, ack, plen, win, ttl, ip
         _one(moves, starts[c], ends[c], ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage[c], capture_end,
              two_msl, ev_t[c], ev_i[c], times[c], states[c], num[c], ints[c])
         if not ints[c, I_OK]:
+            _clear(ints[c], times[c], states[c], num[c])
+            _attempt(moves, starts[c], ends[c], ts, d, flags, plen, ev_t[c], ev_i[c], times[c], states[c],
+                     num[c], ints[c])
+        if not ints[c, I_OK]:
             ints[c, I_NEVENTS] = 0
+
+
+@numba.njit(cache=True)
+def _clear(ints, times, states, num):
+    ints[:] = 0
+    times[:] = 0
+    states[:] = 0
+    num[:] = np.nan
 
 
 def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
@@ -339,11 +426,12 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     filled; `ints[:, I_OK]` marks the connections it did."""
     n = len(starts)
     ev_t = np.zeros((n, MAX_EVENTS))
-    ev_i = np.zeros((n, MAX_EVENTS, 6), dtype=np.int64)
+    ev_i = np.zeros((n, MAX_EVENTS, 6), dtype=np.int64)  # E_VALUE holds ack numbers: 32 bits unsigned
     times = np.zeros((n, 2, MAX_HISTORY))
     states = np.zeros((n, 2, MAX_HISTORY), dtype=np.int64)
     num = np.full((n, 10), np.nan)
-    ints = np.zeros((n, 11), dtype=np.int64)
+    ints = np.zeros((n, 13), dtype=np.int64)
+    ints[:, I_RST_BY] = 3  # none
     _reconstruct(TRANSITIONS, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
                  cols["plen"], cols["win"], cols["ttl"], cols["ipid"], vantage, capture_end, 2 * msl,
                  ev_t, ev_i, times, states, num, ints)
@@ -373,7 +461,7 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     http = http_columns(flows.cols["d"], flows.cols["http"], flows.cols["plen"], flows.starts)
     table = {
         "conn_id": cid, "first_ts": ts[flows.starts[ok]].tolist(), "last_ts": ts[flows.ends[ok] - 1].tolist(),
-        "handshake": ["complete"] * n, "vantage": [VANTAGES[v] for v in vantage[ok].tolist()],
+        "handshake": [HANDSHAKES[v] for v in i[I_HANDSHAKE].tolist()], "vantage": [VANTAGES[v] for v in vantage[ok].tolist()],
         "close_type": [CLOSE_TYPES[v] for v in i[I_CLOSE].tolist()],
         "active_closer": [WHO[v] for v in i[I_ACTIVE].tolist()],
         "client_state_end": [STATES[v] for v in i[I_STATE0].tolist()],
@@ -383,7 +471,8 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
         "client_fin_backoff": [[] for _ in range(n)], "server_fin_backoff": [[] for _ in range(n)],
         "fin_rto_estimate": [None] * n, "fin_backoff_exponential": [None] * n,
         "orphan_retries_estimate": [None] * n, "lost_waves": [[] for _ in range(n)],
-        "losses": [[] for _ in range(n)], "rst_by": ["none"] * n, "rst_kind": [None] * n,
+        "losses": [[] for _ in range(n)], "rst_by": [WHO[v] for v in i[I_RST_BY].tolist()],
+        "rst_kind": ["refused" if v == 1 else None for v in i[I_RST_BY].tolist()],
         "time_wait_side": [WHO[v] for v in i[I_TW_SIDE].tolist()],
         "time_wait_start": floats(x[N_TW_START]), "time_wait_end": floats(x[N_TW_END]),
         "time_wait_restarts": [0] * n, "half_close_bytes": [0] * n,
@@ -398,11 +487,12 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     }
     # events: each connection's rows in its order
     counts = i[I_NEVENTS]
-    live = np.arange(MAX_EVENTS) < counts[:, None]
-    e, t = ev_i[ok][live], ev_t[ok][live]
-    text = DETAILS + [None]
-    detail = [details.setdefault(d, d) if d is not None else f"ack {v}" for d, v in
-              zip((text[c] for c in e[:, E_DETAIL].tolist()), e[:, E_VALUE].tolist())]
+    live = np.arange(MAX_EVENTS) < ints[:, I_NEVENTS, None]  # none for connections not done
+    e, t = ev_i[live], ev_t[live]
+    del ev_i, ev_t
+    text = DETAILS + ["ack {}", "retransmission {}"]
+    detail = [text[c].format(v) if c >= D_ACK else details.setdefault(text[c], text[c])
+              for c, v in zip(e[:, E_DETAIL].tolist(), e[:, E_VALUE].tolist())]
     events = {"conn_id": np.repeat(cid, counts).tolist(), "ts": t.tolist(),
               "side": [("client", "server")[s] for s in e[:, E_SIDE].tolist()],
               "kind": [KINDS[k] for k in e[:, E_KIND].tolist()],
