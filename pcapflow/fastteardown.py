@@ -39,16 +39,19 @@ LISTEN, TIME_WAIT, CLOSE_WAIT, FIN_WAIT_2 = (STATES.index(s) for s in (
     "LISTEN", "TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT_2"))
 KINDS = ["SYN", "SYN_ACK", "ESTABLISHED", "FIN", "STATE", "ACK_OF_FIN", "RST"]
 K_SYN, K_SYN_ACK, K_ESTABLISHED, K_FIN, K_STATE, K_ACK_OF_FIN, K_RST = range(len(KINDS))
+RST_KINDS = [None, "refused", "other", "reply_to_closed", "abort"]  # detectors.rst_kind
+R_REFUSED, R_OTHER, R_REPLY_TO_CLOSED, R_ABORT = range(1, 5)
 DETAILS = ["", "with data", "received client FIN", "received server FIN",
-           "server ACK of FIN received", "client ACK of FIN received", "2MSL expired", "refused",
-           "server RST received"]
-D_REFUSED, D_SERVER_RST = 7, 8
+           "server ACK of FIN received", "client ACK of FIN received", "2MSL expired",
+           "client RST received", "server RST received", *RST_KINDS[1:]]
+D_CLIENT_RST, D_SERVER_RST = 7, 8
+D_RST = DETAILS.index("refused") - 1  # + an RST_KINDS code
 D_ACK, D_RETRANSMISSION = len(DETAILS), len(DETAILS) + 1  # "ack <value>", "retransmission <value>"
 VANTAGES = ["client", "server", "middle", "both", "unknown"]
 UNDECIDED = len(VANTAGES)  # the same hosts' votes decide
 LOCAL = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]], dtype=np.bool_)  # vt.local_sides
 TTLS = np.array(sorted(INITIAL_TTLS), dtype=np.int64)
-CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open", "refused", "unanswered"]
+CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open", "refused", "unanswered", "reset"]
 HANDSHAKES = ["complete", "partial"]
 WHO = ["client", "server", "both", "none"]
 MAX_EVENTS = 16  # a clean close makes at most 14: 4 handshake, 3 per FIN, 2 TIME_WAIT ends
@@ -58,7 +61,7 @@ MAX_HISTORY = 8  # states per endpoint; a connection that needs more goes to Pyt
  N_FIN_WAIT2_1, N_TEARDOWN, N_LAST_DATA) = range(10)
 # per-connection integers
 (I_OK, I_CLOSE, I_ACTIVE, I_TW_SIDE, I_BYTES0, I_BYTES1, I_NEVENTS, I_STATE0, I_STATE1,
- I_NHIST0, I_NHIST1, I_HANDSHAKE, I_RST_BY) = range(13)
+ I_NHIST0, I_NHIST1, I_HANDSHAKE, I_RST_BY, I_RST_KIND) = range(14)
 # per-event fields (ev_i; the time is ev_t)
 E_SIDE, E_KIND, E_FROM, E_TO, E_DETAIL, E_VALUE = range(6)
 
@@ -184,7 +187,7 @@ def _attempt(moves, lo, hi, ts, d, flags, plen, ev_t, ev_i, times, states, num, 
     m = 1
     if rst0 >= 0:
         in_t[1] = ts[rst0]
-        in_i[1, 0], in_i[1, 1], in_i[1, 2], in_i[1, 3], in_i[1, 4] = 1, 1, SEND_RST, K_RST, D_REFUSED
+        in_i[1, 0], in_i[1, 1], in_i[1, 2], in_i[1, 3], in_i[1, 4] = 1, 1, SEND_RST, K_RST, D_RST + R_REFUSED
         in_t[2] = ts[rst0]
         in_i[2, 0], in_i[2, 1], in_i[2, 2], in_i[2, 3], in_i[2, 4] = 3, 0, RECV_RST, K_STATE, D_SERVER_RST
         m = 3
@@ -205,6 +208,7 @@ def _attempt(moves, lo, hi, ts, d, flags, plen, ev_t, ev_i, times, states, num, 
     ints[I_ACTIVE] = 3
     ints[I_TW_SIDE] = 3
     ints[I_RST_BY] = 1 if rst0 >= 0 else 3
+    ints[I_RST_KIND] = R_REFUSED if rst0 >= 0 else 0
     if rst0 >= 0:
         num[N_TEARDOWN] = ts[rst_last] - ts[rst0]
     ints[I_OK] = 1
@@ -225,7 +229,11 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
     fin_acks_peer = np.zeros(2, np.bool_)  # side s's FIN acknowledges the peer's FIN
     snd_end = np.full(2, -1, np.int64)
     last_win = np.full(2, -1, np.int64)
-    first_ttl = np.full(2, -1, np.int64)
+    rst_first = np.full(2, -1, np.int64)
+    rst_last = np.full(2, -1, np.int64)
+    ttl_first = np.full(2, -1, np.int64)  # TTL of each side's first segment other than an RST
+    ttl_count = np.zeros(2, np.int64)
+    ttl_same = np.ones(2, np.bool_)  # ... and whether all its others had it too
     last_data0 = -1
     for i in range(lo, hi):
         s = d[i]
@@ -233,10 +241,15 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         fl = flags[i]
         n = plen[i]
         ints[I_BYTES0 + s] += n
-        if first_ttl[s] < 0:
-            first_ttl[s] = ttl[i]
-        if fl & RST or (fl & SYN and fl & FIN):
+        if fl & FIN and fl & (SYN | RST):
             return
+        if fl & RST:
+            rst_first[s] = i if rst_first[s] < 0 else rst_first[s]
+            rst_last[s] = i
+        else:
+            ttl_first[s] = ttl[i] if ttl_count[s] == 0 else ttl_first[s]
+            ttl_same[s] &= ttl[i] == ttl_first[s]
+            ttl_count[s] += 1
         if fl & SYN:
             nsyn[s] += 1
             syn_row[s] = i
@@ -258,16 +271,17 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
             ack_last[p] = i
             if i == fin_row[s]:
                 fin_acks_peer[s] = True
-        if snd_end[s] < 0 or _after(end, snd_end[s]):
+        if not fl & RST and (snd_end[s] < 0 or _after(end, snd_end[s])):
             snd_end[s] = end
         last_win[s] = win[i]
         if s == 0 and n:
             last_data0 = i
     if nsyn[0] != 1 or nsyn[1] != 1 or flags[syn_row[0]] & ACK or not flags[syn_row[1]] & ACK:
         return
-    closed = fin_row[0] >= 0 and fin_row[1] >= 0  # else still open: no FIN at all
+    closed = fin_row[0] >= 0 and fin_row[1] >= 0  # else no FIN at all: open, or reset
+    reset = rst_first[0] >= 0 or rst_first[1] >= 0
     if syn_row[0] > syn_row[1] or closed != (fin_row[0] >= 0 or fin_row[1] >= 0) \
-            or closed and (ack_first[0] < 0 or ack_first[1] < 0):
+            or closed and (reset or ack_first[0] < 0 or ack_first[1] < 0):
         return
     # detectors.handshake_rows: the SYN, the SYN-ACK, the client's ACK of it
     k = syn_row[1]
@@ -326,6 +340,24 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         in_t[m] = ts[ack_first[s]]  # Context.fin_ack_received_at: the first ACK (one FIN copy)
         in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = 1, s, RECV_ACK_OF_FIN, K_STATE, 4 + s
         m += 1
+    if reset:  # detectors.rst_kind of the first RST, then each side's first RST sent and received
+        r = rst_first[0] if rst_first[1] < 0 or 0 <= rst_first[0] < rst_first[1] else rst_first[1]
+        s = d[r]
+        if ttl_count[s] >= 2 and ttl_same[s] and abs(ttl[r] - ttl_first[s]) > 1:
+            kind = R_OTHER
+        elif not flags[r] & ACK:
+            kind = R_REPLY_TO_CLOSED
+        else:
+            kind = R_ABORT
+        ints[I_RST_KIND] = kind
+        for s in range(2):
+            if rst_first[s] >= 0:
+                in_t[m] = ts[rst_first[s]]
+                in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = 1, s, SEND_RST, K_RST, D_RST + kind
+                in_t[m + 1] = ts[rst_first[s]]
+                in_i[m + 1, 0], in_i[m + 1, 1], in_i[m + 1, 2], in_i[m + 1, 3], in_i[m + 1, 4] = (
+                    3, 1 - s, RECV_RST, K_STATE, D_CLIENT_RST + s)
+                m += 2
     # the automaton: the client starts CLOSED, the server LISTEN at the first packet
     times[1, 0] = ts[lo]
     states[1, 0] = LISTEN
@@ -365,6 +397,10 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         _event(ints, ev_t, ev_i, ts[i], 1 - s, K_ACK_OF_FIN, st, st, D_ACK, ack[i])
     _sort_events(ints, ev_t, ev_i)
     # detectors.connection_fields
+    if reset:
+        ints[I_RST_BY] = 2 if rst_first[0] >= 0 and rst_first[1] >= 0 else 0 if rst_first[0] >= 0 else 1
+        first_rst = min(rst_first[0] if rst_first[0] >= 0 else hi, rst_first[1] if rst_first[1] >= 0 else hi)
+        num[N_TEARDOWN] = ts[max(rst_last[0], rst_last[1])] - ts[first_rst]
     if not closed:
         active = 3
     elif fin_acks_peer[0] and not fin_acks_peer[1]:
@@ -378,7 +414,7 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         passive = 1 - active
     ints[I_ACTIVE] = active
     if active == 3:
-        ints[I_CLOSE] = 3
+        ints[I_CLOSE] = 6 if reset else 3
     elif active == 2:
         ints[I_CLOSE] = 2
     else:
@@ -430,7 +466,7 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     times = np.zeros((n, 2, MAX_HISTORY))
     states = np.zeros((n, 2, MAX_HISTORY), dtype=np.int64)
     num = np.full((n, 10), np.nan)
-    ints = np.zeros((n, 13), dtype=np.int64)
+    ints = np.zeros((n, 14), dtype=np.int64)
     ints[:, I_RST_BY] = 3  # none
     _reconstruct(TRANSITIONS, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
                  cols["plen"], cols["win"], cols["ttl"], cols["ipid"], vantage, capture_end, 2 * msl,
@@ -472,7 +508,7 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
         "fin_rto_estimate": [None] * n, "fin_backoff_exponential": [None] * n,
         "orphan_retries_estimate": [None] * n, "lost_waves": [[] for _ in range(n)],
         "losses": [[] for _ in range(n)], "rst_by": [WHO[v] for v in i[I_RST_BY].tolist()],
-        "rst_kind": ["refused" if v == 1 else None for v in i[I_RST_BY].tolist()],
+        "rst_kind": [RST_KINDS[v] for v in i[I_RST_KIND].tolist()],
         "time_wait_side": [WHO[v] for v in i[I_TW_SIDE].tolist()],
         "time_wait_start": floats(x[N_TW_START]), "time_wait_end": floats(x[N_TW_END]),
         "time_wait_restarts": [0] * n, "half_close_bytes": [0] * n,
