@@ -1,8 +1,9 @@
 """teardown.reconstruct compiled with numba, for the connections it can vouch for.
 
 Most connections of a big capture close cleanly (one SYN, one SYN-ACK, the ACK, one FIN from
-each side, each acknowledged; no RST, keepalive, retransmitted FIN or data after a FIN) or
-are still open at the capture's end (no FIN at all). For those the kernel runs
+each side, each acknowledged; no RST, keepalive, retransmitted FIN or data after a FIN), are
+still open at the capture's end or were reset (no FIN at all), or are attempts refused or
+left unanswered (`_attempt`). For those the kernel runs
 reconstruct's steps (the automaton inputs and their order, tcpstate.TRANSITIONS as a table,
 TIME_WAIT, the events, the teardown columns) over the flow columns of all connections at
 once; `vantages` decides every connection's vantage as analysis._with_vantages does. Every
