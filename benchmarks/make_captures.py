@@ -6,6 +6,8 @@
 short.pcap  many short HTTP/1.x-like connections (handshake, request, ~10 KB response,
             server closes first), >= 2M packets, full snaplen
 bulk.pcap   a few long bulk connections, >= 2M packets, snaplen 96
+refused.pcap  a storm of connection attempts to a closed port (SYN, RST-ACK), >= 2M
+            packets: the ephemeral ports come round again, as in a real storm
 short.pcapng, short.pcap.gz  the same packets as short.pcap, for the format comparison
 
 Two network namespaces (pfb-srv, pfb-cli) joined by a veth pair with segmentation and
@@ -142,8 +144,30 @@ def client_bulk(src_ip: str, conns: str, rate: str) -> None:
     print(conns, flush=True)
 
 
+def serve_refused() -> None:
+    """Nothing listens on PORT: the kernel answers every SYN with an RST."""
+    stop = _stop_on_stdin_eof()
+    print("ready", flush=True)
+    stop.wait()
+
+
+def client_refused(src_ip: str) -> None:
+    """connect() to the closed port again and again, the kernel choosing each source port."""
+    stop = _stop_on_stdin_eof()
+    n = 0
+    while not stop.is_set():
+        s = socket.socket()
+        s.bind((src_ip, 0))
+        with contextlib.suppress(ConnectionRefusedError):
+            s.connect((SRV_IP, PORT))
+        s.close()
+        n += 1
+    print(n, flush=True)
+
+
 ROLES = {"serve-short": serve_short, "client-short": client_short,
-         "serve-bulk": serve_bulk, "client-bulk": client_bulk}
+         "serve-bulk": serve_bulk, "client-bulk": client_bulk,
+         "serve-refused": serve_refused, "client-refused": client_refused}
 
 
 # --- the lab ----------------------------------------------------------------------------
@@ -195,7 +219,7 @@ def veth_packets() -> int:
 
 def capture(path: Path, snaplen: int, target: int, kind: str, args: argparse.Namespace) -> dict:
     """Run the lab traffic of `kind` until the veth carried `target` packets; tcpdump it."""
-    nclients = args.clients if kind == "short" else 1
+    nclients = 1 if kind == "bulk" else args.clients
     procs: list[subprocess.Popen] = []
     tcpdump = None
     t0 = time.perf_counter()
@@ -211,14 +235,16 @@ def capture(path: Path, snaplen: int, target: int, kind: str, args: argparse.Nam
             raise RuntimeError(f"tcpdump did not start: {line.strip()}")
         if kind == "short":
             server = role(NS_SRV, "serve-short", args.server_workers)
-        else:
+        elif kind == "bulk":
             server = role(NS_SRV, "serve-bulk", args.bulk_conns)
+        else:
+            server = role(NS_SRV, "serve-refused")
         procs.append(server)
         if (line := server.stdout.readline().strip()) != "ready":
             raise RuntimeError(f"the server did not start: {line!r}, exit {server.poll()}")
         start = veth_packets()
-        if kind == "short":
-            procs += [role(NS_CLI, "client-short", client_ip(i)) for i in range(nclients)]
+        if kind in ("short", "refused"):
+            procs += [role(NS_CLI, f"client-{kind}", client_ip(i)) for i in range(nclients)]
         else:
             procs.append(role(NS_CLI, "client-bulk", client_ip(0), args.bulk_conns,
                               args.bulk_rate))
@@ -305,7 +331,7 @@ def main() -> int:
     manifest_path = args.out / "captures.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     t_all = time.perf_counter()
-    for kind, snaplen in (("short", 0), ("bulk", 96)):
+    for kind, snaplen in (("short", 0), ("bulk", 96), ("refused", 0)):
         path = args.out / f"{kind}.pcap"
         if path.exists() and not args.force and path.name in manifest:
             continue
@@ -321,7 +347,7 @@ def main() -> int:
             manifest[name] = {"seconds": round(time.perf_counter() - t, 1)}
             manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{'file':<15} {'packets':>10} {'conns':>8} {'MiB':>8} {'dropped':>8} {'made in':>8}")
-    for name in ("short.pcap", "bulk.pcap", "short.pcapng", "short.pcap.gz"):
+    for name in ("short.pcap", "bulk.pcap", "refused.pcap", "short.pcapng", "short.pcap.gz"):
         m, of = manifest[name], manifest[name.split(".")[0] + ".pcap"]
         print(f"{name:<15} {of['packets']:>10} {of['connections']:>8} "
               f"{(args.out / name).stat().st_size / 2**20:>8.1f} "

@@ -180,7 +180,7 @@ HEADER = (f"{'tool':<30} {'median s':>9} {'packets/s':>11} {'ratio':>9} {'cpu s'
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=DEFAULT_OUT, help="where the captures are")
-    ap.add_argument("--capture", choices=("short", "bulk", "all"), default="all")
+    ap.add_argument("--capture", choices=("short", "bulk", "refused", "all"), default="all")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true",
                     help=f"the first {QUICK_PACKETS:,} packets of each capture only")
@@ -193,7 +193,7 @@ def main() -> int:
     nf = args.nfstream_python
     if nf is None and (args.dir / "nfstream-venv/bin/python").exists():
         nf = str(args.dir / "nfstream-venv/bin/python")
-    kinds = ["short", "bulk"] if args.capture == "all" else [args.capture]
+    kinds = ["short", "bulk", "refused"] if args.capture == "all" else [args.capture]
     files = {k: args.dir / f"{k}.pcap" for k in kinds}
     if args.scale:
         files.setdefault("short", args.dir / "short.pcap")

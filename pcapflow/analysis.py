@@ -373,7 +373,7 @@ def _zeek_table(wire: _Flows, inferred: dict, compiled: bool) -> pd.DataFrame:
 class _Flows(Mapping):
     """conn_id -> Flow, each made when asked for from the segment table's `rows` in (conn, ts)
     order: every connection's lists at once would hold ~400 bytes a packet, so the columns
-    become Python lists a block of rows at a time. `cols` holds the columns in that order,
+    become Python lists a block of rows at a time when connections are asked for in order. `cols` holds the columns in that order,
     connection k's rows being starts[k]..ends[k]."""
 
     BLOCK = 1 << 12  # rows
@@ -389,10 +389,13 @@ class _Flows(Mapping):
     def __getitem__(self, cid: int) -> Flow:
         a, b = self._rows[cid]
         lo, hi, lists = self._block
-        if not lo <= a <= b <= hi:
-            lo, hi = a, max(b, a + self.BLOCK)
-            lists = [c[lo:hi].tolist() for c in self.cols.values()]
-            self._block = lo, hi, lists
+        if lo <= a <= b <= hi:
+            return Flow(*(c[a - lo:b - lo] for c in lists))
+        if a != hi:  # not the next connection in order: this one alone
+            return Flow(*(c[a:b].tolist() for c in self.cols.values()))
+        lo, hi = a, max(b, a + self.BLOCK)
+        lists = [c[lo:hi].tolist() for c in self.cols.values()]
+        self._block = lo, hi, lists
         return Flow(*(c[a - lo:b - lo] for c in lists))
 
     def __iter__(self):
