@@ -464,21 +464,23 @@ def _reuse(table: pd.DataFrame, flows: Mapping, endpoints: dict) -> tuple[pd.Dat
     conn_id, client, tw_start, tw_end = (pairs[c].tolist() for c in (
         "conn_id", "client_ip", "time_wait_start", "time_wait_end"))
     client = list(zip(client, pairs["client_port"].tolist()))
+    first_syn, last_answer = _first_syn_last_answer(flows)
     updates, events = {}, []
     for old in np.flatnonzero(keys[1:] == keys[:-1]).tolist():  # the next row is the same 4-tuple's
         new = old + 1
-        fnew, fold = flows[conn_id[new]], flows[conn_id[old]]
-        syn = next((i for i, fl in enumerate(fnew.flags) if fl & (SYN | ACK) == SYN), None)
-        if syn is None:
+        t = first_syn.get(conn_id[new])
+        if t is None:
             continue
-        t = fnew.ts[syn]
-        reset = _old_reset_by_new_syn(fold, t)
-        if reset is not None:  # RFC 9293 3.10.7.4: the old socket answered the SYN with an ACK
-            events.append((conn_id[new], t, "client", "SYN", "SYN_SENT", "SYN_SENT",
-                           (f"met connection {conn_id[old]} still alive on the peer: its ACK "
-                           f"answered, the client reset it at +{reset - t:.3f} s, SYN retried")))
+        if last_answer.get(conn_id[old], -math.inf) >= t:  # the old side may have answered it
+            reset = _old_reset_by_new_syn(flows[conn_id[old]], t)
+            if reset is not None:  # RFC 9293 3.10.7.4: the old socket answered the SYN with an ACK
+                events.append((conn_id[new], t, "client", "SYN", "SYN_SENT", "SYN_SENT",
+                               (f"met connection {conn_id[old]} still alive on the peer: its ACK "
+                               f"answered, the client reset it at +{reset - t:.3f} s, SYN retried")))
         if pd.isna(tw_start[old]) or t >= tw_end[old]:
             continue
+        fnew, fold = flows[conn_id[new]], flows[conn_id[old]]
+        syn = next(i for i, fl in enumerate(fnew.flags) if fl & (SYN | ACK) == SYN)
         gap = round(t - tw_start[old], 6)
         check, signature = _reuse_check(fold, fnew, 0 if client[old] == client[new] else 1, syn)
         updates[label[new]] = {"reused_4tuple": True, "reuse_gap_s": gap, "reuse_check": check,
@@ -503,6 +505,20 @@ def _reuse(table: pd.DataFrame, flows: Mapping, endpoints: dict) -> tuple[pd.Dat
         if col in fields:
             table[col] = fields[col].reindex(table.index).combine_first(table[col])
     return table, events
+
+
+def _first_syn_last_answer(flows: _Flows) -> tuple[dict, dict]:
+    """Per conn_id: the time of its first SYN without ACK, and of the last pure ACK its server
+    side sent (what `_old_reset_by_new_syn` looks for), for the connections that have one."""
+    ts, flags, d = flows.cols["ts"], flows.cols["flags"], flows.cols["d"]
+    ids = np.array(list(flows), dtype=np.int64)
+    conn = np.repeat(ids, flows.ends - flows.starts)
+    rows = np.flatnonzero(flags & (SYN | ACK) == SYN)
+    first = np.unique(conn[rows], return_index=True)[1]  # rows are in (connection, time) order
+    rows_ack = np.flatnonzero((d == 1) & (flags & (SYN | RST | ACK) == ACK))[::-1]
+    last = np.unique(conn[rows_ack], return_index=True)[1]
+    return (dict(zip(conn[rows[first]].tolist(), ts[rows[first]].tolist())),
+            dict(zip(conn[rows_ack[last]].tolist(), ts[rows_ack[last]].tolist())))
 
 
 def _old_reset_by_new_syn(fold: Flow, t: float) -> float | None:
