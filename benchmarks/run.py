@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark pcapflow against tshark, tcptrace, NFStream and a bare dpkt loop.
 
-    python benchmarks/run.py [--capture short|bulk|all] [--runs 3] [--quick] [--scale K]
+    python benchmarks/run.py [--capture short|bulk|refused|all] [--runs 3] [--quick] [--scale K]
                              [--json PATH] [--dir /var/tmp/pcapflow-bench]
 
 Runs every tool `--runs` times on the same file(s) made by make_captures.py, in this one
