@@ -250,8 +250,9 @@ def _json_list(v: list) -> str:
     return _dump(v) if v else "[]"  # most list cells (backoffs, losses) are empty
 
 
+_JSON_BOOL = {True: "true", False: "false"}.__getitem__
 _JSON_SCALARS = {str: encode_basestring_ascii, int: int.__repr__, float: _json_float, list: _json_list,
-                 bool: {True: "true", False: "false"}.__getitem__, type(None): {None: "null"}.__getitem__}
+                 bool: _JSON_BOOL, np.bool_: _JSON_BOOL, type(None): {None: "null"}.__getitem__}
 
 
 def _plain(col: pd.Series) -> list:
