@@ -112,6 +112,16 @@ def _event(ints, ev_t, ev_i, t, s, kind, a, b, detail, value):
 
 
 @numba.njit(cache=True)
+def _ack_of_synack(k, hi, d, flags, seq, ack):
+    """The first client segment from row k on (the SYN-ACK) that acknowledges it, -1 if none:
+    any pure ACK at or beyond its ISN + 1 proves it arrived (detectors.handshake_rows)."""
+    for i in range(k, hi):
+        if d[i] == 0 and flags[i] & (SYN | RST | ACK) == ACK and (ack[i] - seq[k] - 1) % MOD < HALF:
+            return i
+    return -1
+
+
+@numba.njit(cache=True)
 def _time_in(times, states, n, s, state, end):
     """detectors._time_in(ep, end)[state], NaN when the endpoint never was in it."""
     total = np.nan
@@ -220,7 +230,7 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
          ev_t, ev_i, times, states, num, ints):
     """Connection rows lo..hi (time order), seen from vantage v: its outputs; ints[I_OK]
     stays 0 if the kernel cannot vouch for it."""
-    # teardown.collect, giving up at anything but a clean close
+    # teardown.collect, giving up at anything but a clean close, no FIN, or a reset without FIN
     nsyn = np.zeros(2, np.int64)
     syn_row = np.full(2, -1, np.int64)
     fin_row = np.full(2, -1, np.int64)
@@ -284,13 +294,8 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
     if syn_row[0] > syn_row[1] or closed != (fin_row[0] >= 0 or fin_row[1] >= 0) \
             or closed and (reset or ack_first[0] < 0 or ack_first[1] < 0):
         return
-    # detectors.handshake_rows: the SYN, the SYN-ACK, the client's ACK of it
-    k = syn_row[1]
-    est = -1
-    for i in range(k, hi):
-        if d[i] == 0 and flags[i] & (SYN | RST | ACK) == ACK and (ack[i] - seq[k] - 1) % MOD < HALF:
-            est = i
-            break
+    k = syn_row[1]  # detectors.handshake_rows: the SYN, the SYN-ACK, the client's ACK of it
+    est = _ack_of_synack(k, hi, d, flags, seq, ack)
     if est < 0:
         return
     local0, local1 = LOCAL[v, 0], LOCAL[v, 1]
@@ -558,11 +563,7 @@ def _vantage(ttls, ratio, lo, hi, ts, d, flags, seq, ack, ttl):
             if d[i] == 0 and flags[i] & (SYN | ACK) == SYN:
                 syn = i
                 break
-        est = -1
-        for i in range(k, hi):
-            if d[i] == 0 and flags[i] & (SYN | RST | ACK) == ACK and (ack[i] - seq[k] - 1) % MOD < HALF:
-                est = i
-                break
+        est = _ack_of_synack(k, hi, d, flags, seq, ack)
         if syn >= 0 and est >= 0:
             g1, g2 = ts[k] - ts[syn], ts[est] - ts[k]
             if not (g1 < 0 or g2 < 0 or g1 + g2 < 200e-6):
