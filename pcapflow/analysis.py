@@ -8,7 +8,7 @@ import io
 import json
 import math
 import os
-from collections import Counter, defaultdict
+from collections import ChainMap, Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from json.encoder import encode_basestring_ascii
@@ -218,28 +218,46 @@ def _records(df: pd.DataFrame):
         yield dict(zip(cols, row))
 
 
-def _json_rows(df: pd.DataFrame, rows: int = 1 << 13):
-    """The rows as `_dump` writes `_records`, comma-separated, `rows` rows a text: encoded a
-    column at a time, with no dict per row."""
-    template = "{" + ",".join(_dump(c).replace("%", "%%") + ":%s" for c in df.columns) + "}"
+def _json_rows(df: pd.DataFrame, rows: int = 1 << 14):
+    """The rows as `_dump` writes `_records`, comma-separated, `rows` rows a text: each column's
+    distinct values encoded once, the rows joined from their texts (compiled when numba is
+    there and the table is big)."""
+    keys = [("{" if k == 0 else ",") + _dump(c) + ":" for k, c in enumerate(df.columns)]
+    if use_compiled(len(df) >= COMPILED_MIN_SEGMENTS):
+        from .fastjson import join_rows
+    else:
+        template = "".join(key.replace("%", "%%") + "%s" for key in keys) + "}"
+
+        def join_rows(columns, keys):
+            return ",".join(map(template.__mod__, zip(*(
+                map(texts.__getitem__, codes.tolist()) for codes, texts in columns))))
     for start in range(0, len(df), rows):
         part = df.iloc[start:start + rows]
-        yield ",".join(map(template.__mod__, zip(*(_json_values(part[c]) for c in df.columns))))
+        yield join_rows([_json_cells(part[c]) for c in df.columns], keys)
 
 
-def _json_values(col: pd.Series) -> list[str]:
-    """A column's values as JSON texts, NaN as null."""
+def _json_cells(col: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """A column as codes into the JSON texts of its distinct values; code -1 is the last
+    text, "null" where a column can hold missing values."""
     if isinstance(col.dtype, pd.StringDtype):  # few distinct texts: sides, kinds, states
         codes, texts = pd.factorize(col)
-        texts = [encode_basestring_ascii(t) for t in texts] + ["null"]  # code -1: missing
-        return list(map(texts.__getitem__, codes.tolist()))
-    values = _plain(col)
-    if col.dtype != object and not col.hasnans and values:  # one Python type throughout
-        encode = _JSON_SCALARS.get(type(values[0]), _dump)
-        if encode is _json_float and np.isfinite(col.to_numpy()).all():
-            encode = float.__repr__
-        return list(map(encode, values))
-    return [_JSON_SCALARS.get(type(v), _dump)(v) for v in values]
+        return codes, [encode_basestring_ascii(t) for t in texts] + ["null"]
+    if col.dtype == object:  # None, lists, mixed types: each present cell encoded
+        codes = np.full(len(col), -1, dtype=np.int64)
+        present = np.flatnonzero(col.notna().to_numpy())
+        texts = [_JSON_SCALARS.get(type(v), _dump)(v) for v in col.to_numpy()[present].tolist()]
+        codes[present], texts = pd.factorize(np.array(texts, dtype=object))
+        return codes, [*texts, "null"]
+    values = col.to_numpy()
+    if values.dtype.kind == "f":  # bit for bit (-0.0 is not 0.0); NaN is null
+        codes, bits = pd.factorize(values.view(np.int64))
+        floats = bits.view(np.float64)
+        texts = list(map(float.__repr__, floats.tolist()))
+        for k in np.flatnonzero(~np.isfinite(floats)).tolist():  # NaN: null; inf: refused
+            texts[k] = "null" if math.isnan(floats[k]) else _json_float(float(floats[k]))
+        return codes, texts
+    codes, uniques = pd.factorize(values)
+    return codes, [_JSON_SCALARS.get(type(v), _dump)(v) for v in uniques.tolist()]
 
 
 def _json_float(v: float) -> str:
@@ -307,14 +325,15 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     events: dict[str, list] = {k: [] for k in EVENT_COLUMNS}
     details: dict[str, str] = {}  # one object per distinct text: most repeat ("2MSL expired")
     endpoints = {}
+    fast_rows, fast_events, histories = {}, {}, {}
     compiled = use_compiled(len(seg) >= COMPILED_MIN_SEGMENTS)  # numba kernels, Python for the rest
     if compiled:
-        todo = _compiled(flows, conns, capture_end, params, rows, events, endpoints, details)
+        todo, (fast_rows, fast_events, histories) = _compiled(flows, conns, capture_end, params, details)
         if progress is not None:
-            progress(len(endpoints), len(flows))
+            progress(len(histories), len(flows))
     else:
         todo = _with_vantages(conns, flows)
-    for n, (cid, flow, v) in enumerate(todo, len(endpoints) + 1):
+    for n, (cid, flow, v) in enumerate(todo, len(histories) + 1):
         if progress is not None and (n % 2000 == 0 or n == len(flows)):
             progress(n, len(flows))
         res = reconstruct(flow, v, vt.local_sides(v), capture_end, params)
@@ -324,11 +343,12 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         endpoints[cid] = res.endpoints
         _extend(events, [(cid, t, SIDE_NAMES[s], kind, a, b, details.setdefault(d, d))
                          for t, s, kind, a, b, d in res.events])
-    if not rows:
+    if not len(flows):  # no connection (each has rows from the kernel or from Python)
         return Analysis(seg, captures, pd.DataFrame(columns=CONNECTION_COLUMNS),
                         pd.DataFrame(columns=EVENT_COLUMNS), params, {})
-    table = conns.merge(pd.DataFrame(rows), on="conn_id", how="left")
-    del rows
+    endpoints = ChainMap(endpoints, histories)
+    table = conns.merge(pd.DataFrame(_joined(fast_rows, rows)), on="conn_id", how="left")
+    del rows, fast_rows
     table = table.merge(_zeek_table(wire, inferred, compiled), on="conn_id", how="left")
     table, reuse_events = _reuse(table, flows, endpoints)
     del wire, flows  # their copy of the segment columns
@@ -340,10 +360,20 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         col = frames[d] if d in frames else pd.Series(dtype="int64")
         table[f"{side}_frame_bytes"] = table["conn_id"].map(col).fillna(0).astype(np.int64)
     table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
-    ev = pd.DataFrame(events)
-    del events  # the lists: the frame holds their values
+    ev = pd.DataFrame(_joined(fast_events, events))
+    del events, fast_events  # the frame holds their values
     ev = ev.sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
     return Analysis(seg, captures, table, ev, params, endpoints)
+
+
+def _joined(first: dict[str, np.ndarray], rest: dict[str, list]) -> dict:
+    """The compiled path's columns then the Python reference's, typed by pd.DataFrame as one
+    list each would be."""
+    if not len(first.get("conn_id", ())):
+        return rest
+    if not next(iter(rest.values()), None):
+        return first
+    return {k: first[k].tolist() + rest[k] for k in first}
 
 
 def _extend(columns: dict[str, list], rows: list[tuple]) -> None:
@@ -406,24 +436,19 @@ class _Flows(Mapping):
         return len(self._rows)
 
 
-def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Params,
-              rows: dict, events: dict, endpoints: dict, details: dict):
-    """The compiled path: every connection's vantage, and the clean closes reconstructed,
-    added to `rows`, `events` and `endpoints`. Returns (conn_id, Flow, vantage) of the rest."""
+def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Params, details: dict):
+    """The compiled path: every connection's vantage, and the connections the kernel can
+    reconstruct. Returns (conn_id, Flow, vantage) of the rest, and the kernel's connection
+    columns, event columns and endpoints (fastteardown.clean_connections)."""
     from . import fastteardown as ft
     ids = list(flows)
     at = conns.set_index("conn_id").loc[ids]
     client_ip, server_ip = at["client_ip"].to_numpy(), at["server_ip"].to_numpy()
     loopback = np.array(list(map(vt.is_loopback, client_ip, server_ip)), dtype=np.bool_)
     vantage = ft.vantages(flows.cols, flows.starts, flows.ends, client_ip, server_ip, loopback)
-    done, table, fast_events, fast_endpoints = ft.clean_connections(
-        flows, ids, vantage, capture_end, params.msl, details)
-    if done:  # the first rows of both tables: the lists are taken, not copied
-        rows.update(table)
-        events.update(fast_events)
-        endpoints.update(fast_endpoints)
-    done = set(done)
-    return ((cid, flows[cid], ft.VANTAGES[v]) for cid, v in zip(ids, vantage.tolist()) if cid not in done)
+    done = ft.clean_connections(flows, ids, vantage, capture_end, params.msl, details)
+    left = np.flatnonzero(~np.isin(ids, done[0]["conn_id"]))
+    return ((ids[k], flows[ids[k]], ft.VANTAGES[vantage[k]]) for k in left.tolist()), done
 
 
 def _with_vantages(conns: pd.DataFrame, flows: Mapping):

@@ -12,7 +12,7 @@ analysis both ways on every capture we have.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 
 import numba
 import numpy as np
@@ -461,91 +461,133 @@ def _clear(ints, times, states, num):
     num[:] = np.nan
 
 
+CHUNK = 1 << 15  # connections per kernel call, its buffers reused: ~40 MB
+
+
 def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
                       vantage: np.ndarray, capture_end: float, msl: float):
     """Run the kernel over every connection (rows starts[k]..ends[k] of `cols`, the Flow
-    columns in (connection, time) order; `vantage`: VANTAGES codes). Returns the arrays it
-    filled; `ints[:, I_OK]` marks the connections it did."""
+    columns in (connection, time) order; `vantage`: VANTAGES codes). Returns, for the
+    connections it did: their indices, their `ints` and `num` rows, their events (`ev_t`,
+    `ev_i`: connection after connection) and their state histories (`times`, `states`:
+    client then server, connection after connection; lengths in ints[:, I_NHIST0:I_NHIST1 + 1])."""
     n = len(starts)
-    ev_t = np.zeros((n, MAX_EVENTS))
-    ev_i = np.zeros((n, MAX_EVENTS, 6), dtype=np.int64)  # E_VALUE holds ack numbers: 32 bits unsigned
-    times = np.zeros((n, 2, MAX_HISTORY))
-    states = np.zeros((n, 2, MAX_HISTORY), dtype=np.int64)
-    num = np.full((n, 10), np.nan)
-    ints = np.zeros((n, 14), dtype=np.int64)
-    ints[:, I_RST_BY] = 3  # none
-    _reconstruct(TRANSITIONS, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
-                 cols["plen"], cols["win"], cols["ttl"], cols["ipid"], vantage, capture_end, 2 * msl,
-                 ev_t, ev_i, times, states, num, ints)
-    return ev_t, ev_i, times, states, num, ints
+    size = min(n, CHUNK)
+    ev_t = np.zeros((size, MAX_EVENTS))
+    ev_i = np.zeros((size, MAX_EVENTS, 6), dtype=np.int64)  # E_VALUE holds ack numbers: 32 bits unsigned
+    times = np.zeros((size, 2, MAX_HISTORY))
+    states = np.zeros((size, 2, MAX_HISTORY), dtype=np.int64)
+    num = np.empty((size, 10))
+    ints = np.empty((size, 14), dtype=np.int64)
+    out = []
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        m = hi - lo
+        num.fill(np.nan)
+        ints.fill(0)
+        ints[:, I_RST_BY] = 3  # none
+        _reconstruct(TRANSITIONS, starts[lo:hi], ends[lo:hi], cols["ts"], cols["d"], cols["flags"],
+                     cols["seq"], cols["ack"], cols["plen"], cols["win"], cols["ttl"], cols["ipid"],
+                     vantage[lo:hi], capture_end, 2 * msl, ev_t, ev_i, times, states, num, ints)
+        ok = np.flatnonzero(ints[:m, I_OK])
+        live = np.arange(MAX_EVENTS) < ints[:m, I_NEVENTS, None]  # none for connections not done
+        held = np.arange(MAX_HISTORY) < ints[ok][:, [I_NHIST0, I_NHIST1], None]
+        out.append((ok + lo, ints[ok], num[ok], ev_t[:m][live], ev_i[:m][live],
+                    times[ok][held], states[ok][held]))
+    if not out:
+        return (np.zeros(0, np.int64), ints[:0], num[:0], ev_t[:0, 0], ev_i[:0, 0], times[:0, 0, 0],
+                states[:0, 0, 0])
+    return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
 def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: float, msl: float,
                       details: dict[str, str]):
     """The kernel's connections as analysis.build holds them: their conn_ids, their
-    connection-table columns, their events (columns) and their (client, server) Endpoints.
-    `flows`: analysis._Flows; `ids`: its conn_ids in its order; `vantage`: see `vantages`."""
-    ev_t, ev_i, times, states, num, ints = reconstruct_clean(
+    connection-table columns and events (arrays as pd.DataFrame takes them) and their
+    (client, server) Endpoints. `flows`: analysis._Flows; `ids`: its conn_ids in its order;
+    `vantage`: see `vantages`."""
+    ok, i, x, ev_t, ev_i, times, states = reconstruct_clean(
         flows.cols, flows.starts, flows.ends, vantage, capture_end, msl)
-    ok = np.flatnonzero(ints[:, I_OK])
-    cid = [ids[k] for k in ok.tolist()]
-    ts, names = flows.cols["ts"], STATES + [""]  # code -1: no state
-    i, x = ints[ok].T, num[ok].T
+    cid = np.asarray(ids, dtype=np.int64)[ok]
+    ts, names = flows.cols["ts"], np.array(STATES + [""], dtype=object)  # code -1: no state
+    i, x, n = i.T, x.T, len(ok)
 
-    def floats(col, digits=None):  # NaN -> None, rounded as round(x, 6) would
-        return [None if math.isnan(v) else v if digits is None else round(v, digits) for v in col.tolist()]
+    def texts(vocabulary, codes):
+        return np.array(vocabulary, dtype=object)[codes]
 
-    def longest(a, b):  # detectors._longest
-        return [max(v for v in pair if v is not None) if pair != (None, None) else None
-                for pair in zip(floats(a, 6), floats(b, 6))]
+    def floats(col):  # pd.DataFrame makes a float64 column of floats and None, but keeps all None
+        return col if not np.isnan(col).all() else np.full(n, None, dtype=object)
 
-    n = len(ok)
+    def rounded(col):  # round(x, 6), as Python rounds each
+        return floats(np.array([round(v, 6) for v in col.tolist()]))
+
+    def longest(a, b):  # detectors._longest of two rounded durations (NaN: None)
+        return rounded(np.fmax(a, b))
+
+    none, zero, false = np.full(n, None, dtype=object), np.zeros(n, np.int64), np.zeros(n, np.bool_)
+    empty = np.empty(n, dtype=object)
+    empty[:] = [[]] * n  # one empty list shared by the cells (none of them is ever appended to)
     http = http_columns(flows.cols["d"], flows.cols["http"], flows.cols["plen"], flows.starts)
     table = {
-        "conn_id": cid, "first_ts": ts[flows.starts[ok]].tolist(), "last_ts": ts[flows.ends[ok] - 1].tolist(),
-        "handshake": [HANDSHAKES[v] for v in i[I_HANDSHAKE].tolist()], "vantage": [VANTAGES[v] for v in vantage[ok].tolist()],
-        "close_type": [CLOSE_TYPES[v] for v in i[I_CLOSE].tolist()],
-        "active_closer": [WHO[v] for v in i[I_ACTIVE].tolist()],
-        "client_state_end": [STATES[v] for v in i[I_STATE0].tolist()],
-        "server_state_end": [STATES[v] for v in i[I_STATE1].tolist()],
+        "conn_id": cid, "first_ts": ts[flows.starts[ok]], "last_ts": ts[flows.ends[ok] - 1],
+        "handshake": texts(HANDSHAKES, i[I_HANDSHAKE]), "vantage": texts(VANTAGES, vantage[ok]),
+        "close_type": texts(CLOSE_TYPES, i[I_CLOSE]), "active_closer": texts(WHO, i[I_ACTIVE]),
+        "client_state_end": texts(STATES, i[I_STATE0]), "server_state_end": texts(STATES, i[I_STATE1]),
         "client_fin_ts": floats(x[N_FIN_TS0]), "server_fin_ts": floats(x[N_FIN_TS1]),
-        "client_fin_retransmits": [0] * n, "server_fin_retransmits": [0] * n,
-        "client_fin_backoff": [[] for _ in range(n)], "server_fin_backoff": [[] for _ in range(n)],
-        "fin_rto_estimate": [None] * n, "fin_backoff_exponential": [None] * n,
-        "orphan_retries_estimate": [None] * n, "lost_waves": [[] for _ in range(n)],
-        "losses": [[] for _ in range(n)], "rst_by": [WHO[v] for v in i[I_RST_BY].tolist()],
-        "rst_kind": [RST_KINDS[v] for v in i[I_RST_KIND].tolist()],
-        "time_wait_side": [WHO[v] for v in i[I_TW_SIDE].tolist()],
+        "client_fin_retransmits": zero, "server_fin_retransmits": zero,
+        "client_fin_backoff": empty, "server_fin_backoff": empty,
+        "fin_rto_estimate": none, "fin_backoff_exponential": none,
+        "orphan_retries_estimate": none, "lost_waves": empty, "losses": empty,
+        "rst_by": texts(WHO, i[I_RST_BY]), "rst_kind": texts(RST_KINDS, i[I_RST_KIND]),
+        "time_wait_side": texts(WHO, i[I_TW_SIDE]),
         "time_wait_start": floats(x[N_TW_START]), "time_wait_end": floats(x[N_TW_END]),
-        "time_wait_restarts": [0] * n, "half_close_bytes": [0] * n,
+        "time_wait_restarts": zero, "half_close_bytes": zero,
         "close_wait_s": longest(x[N_CLOSE_WAIT0], x[N_CLOSE_WAIT1]),
         "fin_wait2_s": longest(x[N_FIN_WAIT2_0], x[N_FIN_WAIT2_1]),
-        "fin_wait2_timeout": [False] * n, "client_keepalives": [0] * n, "server_keepalives": [0] * n,
-        "unanswered_keepalives": [0] * n, "teardown_s": floats(x[N_TEARDOWN], 6),
-        "packets": (flows.ends[ok] - flows.starts[ok]).tolist(),
-        "client_bytes": i[I_BYTES0].tolist(), "server_bytes": i[I_BYTES1].tolist(),
+        "fin_wait2_timeout": false, "client_keepalives": zero, "server_keepalives": zero,
+        "unanswered_keepalives": zero, "teardown_s": rounded(x[N_TEARDOWN]),
+        "packets": flows.ends[ok] - flows.starts[ok],
+        "client_bytes": i[I_BYTES0], "server_bytes": i[I_BYTES1],
         "client_last_data_ts": floats(x[N_LAST_DATA]),
-        **{name: [col[k] for k in ok.tolist()] for name, col in http.items()},
+        **{name: col[ok] for name, col in http.items()},
     }
-    # events: each connection's rows in its order
-    counts = i[I_NEVENTS]
-    live = np.arange(MAX_EVENTS) < ints[:, I_NEVENTS, None]  # none for connections not done
-    e, t = ev_i[live], ev_t[live]
-    del ev_i, ev_t
     text = DETAILS + ["ack {}", "retransmission {}"]
     detail = [text[c].format(v) if c >= D_ACK else details.setdefault(text[c], text[c])
-              for c, v in zip(e[:, E_DETAIL].tolist(), e[:, E_VALUE].tolist())]
-    events = {"conn_id": np.repeat(cid, counts).tolist(), "ts": t.tolist(),
-              "side": [("client", "server")[s] for s in e[:, E_SIDE].tolist()],
-              "kind": [KINDS[k] for k in e[:, E_KIND].tolist()],
-              "state_from": [names[k] for k in e[:, E_FROM].tolist()],
-              "state_to": [names[k] for k in e[:, E_TO].tolist()], "detail": detail}
-    endpoints = {}
-    for c, nh, th, sh, st in zip(cid, i[[I_NHIST0, I_NHIST1]].T.tolist(), times[ok].tolist(),
-                                 states[ok].tolist(), i[[I_STATE0, I_STATE1]].T.tolist()):
-        endpoints[c] = tuple(Endpoint(STATES[st[s]], th[s][:nh[s]], [STATES[x] for x in sh[s][:nh[s]]])
-                             for s in (0, 1))
-    return cid, table, events, endpoints
+              for c, v in zip(ev_i[:, E_DETAIL].tolist(), ev_i[:, E_VALUE].tolist())]
+    events = {"conn_id": np.repeat(cid, i[I_NEVENTS]), "ts": ev_t,
+              "side": texts(["client", "server"], ev_i[:, E_SIDE]), "kind": texts(KINDS, ev_i[:, E_KIND]),
+              "state_from": names[ev_i[:, E_FROM]], "state_to": names[ev_i[:, E_TO]],
+              "detail": np.array(detail, dtype=object)}
+    return table, events, Histories(cid, i[[I_STATE0, I_STATE1]].T, i[[I_NHIST0, I_NHIST1]].T, times, states)
+
+
+class Histories(Mapping):
+    """conn_id -> (client, server) tcpstate.Endpoint of the kernel's connections, each made
+    from the kernel's state histories when first asked for (most never are), then kept."""
+
+    def __init__(self, ids: np.ndarray, state: np.ndarray, lengths: np.ndarray, times: np.ndarray,
+                 states: np.ndarray):
+        self._ids, self._state, self._times, self._states = ids, state, times, states
+        self._at = np.concatenate([[0], np.cumsum(lengths.ravel())])  # (connection, side) -> start
+        self._made: dict[int, tuple[Endpoint, Endpoint]] = {}
+
+    def __getitem__(self, cid: int) -> tuple[Endpoint, Endpoint]:
+        made = self._made.get(cid)
+        if made is None:
+            k = int(np.searchsorted(self._ids, cid))
+            if k == len(self._ids) or self._ids[k] != cid:
+                raise KeyError(cid)
+            made = self._made[cid] = tuple(
+                Endpoint(STATES[self._state[k, s]], self._times[lo:hi].tolist(),
+                         [STATES[c] for c in self._states[lo:hi].tolist()])
+                for s, lo, hi in ((s, self._at[2 * k + s], self._at[2 * k + s + 1]) for s in (0, 1)))
+        return made
+
+    def __iter__(self):
+        return iter(self._ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 @numba.njit(cache=True)

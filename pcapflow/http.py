@@ -33,7 +33,8 @@ def http_fields(f) -> dict:
     return out
 
 
-def http_columns(d: np.ndarray, http: np.ndarray, plen: np.ndarray, starts: np.ndarray) -> dict[str, list]:
+def http_columns(d: np.ndarray, http: np.ndarray, plen: np.ndarray,
+                 starts: np.ndarray) -> dict[str, np.ndarray]:
     """http_fields of each connection k at once: its rows are starts[k]..starts[k + 1] of
     the columns (the last one's, to their end)."""
     rows = np.flatnonzero([isinstance(t, str) for t in http.tolist()])
@@ -44,7 +45,7 @@ def http_columns(d: np.ndarray, http: np.ndarray, plen: np.ndarray, starts: np.n
     out = {}
     for k, name in enumerate(FIELDS):
         total = np.bincount(conn, weights=found[:, k], minlength=len(starts)).astype(np.int64)
-        out[name] = total.tolist() if k < 2 else (total > 0).tolist()
+        out[name] = total if k < 2 else total > 0
     return out
 
 

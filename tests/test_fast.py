@@ -159,6 +159,12 @@ def test_compiled_analysis_equals_reference(path, buffers, monkeypatch, request)
     got = build(seg, infos, Params())
     pd.testing.assert_frame_equal(got.connections, ref.connections)
     pd.testing.assert_frame_equal(got.events, ref.events)
+    ids = ref.connections["conn_id"].tolist()  # the kernel's endpoints are made when asked for
+    assert [got.endpoint(c) for c in ids] == [ref.endpoint(c) for c in ids]
+    if buffers == "own":  # the JSON rows joined by fastjson, and by Python
+        text = got.to_json()
+        monkeypatch.setenv("PCAPFLOW_FAST", "0")
+        assert text == ref.to_json()
 
 
 @pytest.mark.parametrize("collide", [False, True])
