@@ -477,51 +477,50 @@ def _with_vantages(conns: pd.DataFrame, flows: Mapping):
         yield cid, flows[cid], "client" if c > s else "server" if s > c else "unknown"
 
 
-def _reuse(table: pd.DataFrame, flows: Mapping, endpoints: dict) -> tuple[pd.DataFrame, list]:
+def _reuse(table: pd.DataFrame, flows: _Flows, endpoints: Mapping) -> tuple[pd.DataFrame, list]:
     """4-tuple reuse inside TIME_WAIT: gap, RFC 6191 safety of the new SYN, and the old
     TIME_WAIT ended by it (Linux hands the slot to the new connection)."""
-    table = table.copy()
-    a = table["client_ip"] + "|" + table["client_port"].astype(str)
-    b = table["server_ip"] + "|" + table["server_port"].astype(str)
-    table["_key"] = np.where(a < b, a + "/" + b, b + "/" + a)  # whichever side is client
-    pairs = table.sort_values(["_key", "incarnation"], kind="stable")
-    keys = pairs["_key"].to_numpy()
-    label = pairs.index.tolist()
-    conn_id, client, tw_start, tw_end = (pairs[c].tolist() for c in (
-        "conn_id", "client_ip", "time_wait_start", "time_wait_end"))
-    client = list(zip(client, pairs["client_port"].tolist()))
-    first_syn, last_answer = _first_syn_last_answer(flows)
+    n = len(table)
+    ip = pd.factorize(np.concatenate([table["client_ip"].to_numpy(), table["server_ip"].to_numpy()]))[0]
+    client = (ip[:n].astype(np.int64) << 16) | table["client_port"].to_numpy()
+    server = (ip[n:].astype(np.int64) << 16) | table["server_port"].to_numpy()
+    lo, hi = np.minimum(client, server), np.maximum(client, server)  # whichever side is client
+    order = np.lexsort((table["incarnation"].to_numpy(), hi, lo))
+    same = (lo[order][1:] == lo[order][:-1]) & (hi[order][1:] == hi[order][:-1])
+    olds, news = order[:-1][same], order[1:][same]  # each incarnation and the next on its 4-tuple
+    first_syn, last_answer = _first_syn_last_answer(flows, table["conn_id"].to_numpy())
+    tw_start, tw_end = (table[c].astype(float).to_numpy() for c in ("time_wait_start", "time_wait_end"))
+    t = first_syn[news]
+    answered = last_answer[olds] >= t  # the old side may have answered the new SYN
+    in_tw = ~np.isnan(tw_start[olds]) & ~(t >= tw_end[olds])  # NaN: no SYN, no answer, no end
+    conn_id, tw_start = table["conn_id"].tolist(), tw_start.tolist()
     updates, events = {}, []
-    for old in np.flatnonzero(keys[1:] == keys[:-1]).tolist():  # the next row is the same 4-tuple's
-        new = old + 1
-        t = first_syn.get(conn_id[new])
-        if t is None:
-            continue
-        if last_answer.get(conn_id[old], -math.inf) >= t:  # the old side may have answered it
-            reset = _old_reset_by_new_syn(flows[conn_id[old]], t)
+    for k in np.flatnonzero(~np.isnan(t) & (answered | in_tw)).tolist():
+        old, new, t_new = int(olds[k]), int(news[k]), float(t[k])
+        if answered[k]:
+            reset = _old_reset_by_new_syn(flows[conn_id[old]], t_new)
             if reset is not None:  # RFC 9293 3.10.7.4: the old socket answered the SYN with an ACK
-                events.append((conn_id[new], t, "client", "SYN", "SYN_SENT", "SYN_SENT",
+                events.append((conn_id[new], t_new, "client", "SYN", "SYN_SENT", "SYN_SENT",
                                (f"met connection {conn_id[old]} still alive on the peer: its ACK "
-                               f"answered, the client reset it at +{reset - t:.3f} s, SYN retried")))
-        if pd.isna(tw_start[old]) or t >= tw_end[old]:
+                               f"answered, the client reset it at +{reset - t_new:.3f} s, SYN retried")))
+        if not in_tw[k]:
             continue
         fnew, fold = flows[conn_id[new]], flows[conn_id[old]]
         syn = next(i for i, fl in enumerate(fnew.flags) if fl & (SYN | ACK) == SYN)
-        gap = round(t - tw_start[old], 6)
+        gap = round(t_new - tw_start[old], 6)
         check, signature = _reuse_check(fold, fnew, 0 if client[old] == client[new] else 1, syn)
-        updates[label[new]] = {"reused_4tuple": True, "reuse_gap_s": gap, "reuse_check": check,
-                               "reuse_isn_signature": signature}
-        events.append((conn_id[new], t, "client", "TW_REUSE", "SYN_SENT", "SYN_SENT",
+        updates[table.index[new]] = {"reused_4tuple": True, "reuse_gap_s": gap, "reuse_check": check,
+                                     "reuse_isn_signature": signature}
+        events.append((conn_id[new], t_new, "client", "TW_REUSE", "SYN_SENT", "SYN_SENT",
                        f"{gap:.3f} s after TIME_WAIT began on connection {conn_id[old]}; {check}"
                        + ("; ISN = old snd.nxt + 65537 (Linux reused the slot)" if signature else "")))
         for s, side in enumerate(("client", "server")):
-            moved = endpoints[conn_id[old]][s].handle(tcpstate.TW_REPLACED, t)
+            moved = endpoints[conn_id[old]][s].handle(tcpstate.TW_REPLACED, t_new)
             if moved:
-                updates.setdefault(label[old], {}).update(
-                    {f"{side}_state_end": moved[1], "time_wait_end": t})
-                events.append((conn_id[old], t, side, "STATE", *moved,
+                updates.setdefault(table.index[old], {}).update(
+                    {f"{side}_state_end": moved[1], "time_wait_end": t_new})
+                events.append((conn_id[old], t_new, side, "STATE", *moved,
                                f"TIME_WAIT taken over by connection {conn_id[new]}"))
-    table = table.drop(columns="_key")
     fields = pd.DataFrame.from_dict(updates, orient="index")
     for col, default in (("reused_4tuple", False), ("reuse_gap_s", None), ("reuse_check", None),
                          ("reuse_isn_signature", False)):
@@ -533,18 +532,18 @@ def _reuse(table: pd.DataFrame, flows: Mapping, endpoints: dict) -> tuple[pd.Dat
     return table, events
 
 
-def _first_syn_last_answer(flows: _Flows) -> tuple[dict, dict]:
-    """Per conn_id: the time of its first SYN without ACK, and of the last pure ACK its server
-    side sent (what `_old_reset_by_new_syn` looks for), for the connections that have one."""
+def _first_syn_last_answer(flows: _Flows, conn_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `conn_id`: the time of its first SYN without ACK, and of the last pure ACK
+    its server side sent (what `_old_reset_by_new_syn` looks for); NaN where it has none."""
     ts, flags, d = flows.cols["ts"], flows.cols["flags"], flows.cols["d"]
-    ids = np.array(list(flows), dtype=np.int64)
-    conn = np.repeat(ids, flows.ends - flows.starts)
-    rows = np.flatnonzero(flags & (SYN | ACK) == SYN)
-    first = np.unique(conn[rows], return_index=True)[1]  # rows are in (connection, time) order
-    rows_ack = np.flatnonzero((d == 1) & (flags & (SYN | RST | ACK) == ACK))[::-1]
-    last = np.unique(conn[rows_ack], return_index=True)[1]
-    return (dict(zip(conn[rows[first]].tolist(), ts[rows[first]].tolist())),
-            dict(zip(conn[rows_ack[last]].tolist(), ts[rows_ack[last]].tolist())))
+    owner = np.repeat(np.arange(len(flows)), flows.ends - flows.starts)  # rows in (connection, time) order
+    out = np.full((2, len(flows) + 1), np.nan)  # the last column: conn_ids without a flow
+    for k, rows in enumerate((np.flatnonzero(flags & (SYN | ACK) == SYN),
+                              np.flatnonzero((d == 1) & (flags & (SYN | RST | ACK) == ACK))[::-1])):
+        rows = rows[np.unique(owner[rows], return_index=True)[1]]  # each connection's first, or last
+        out[k, owner[rows]] = ts[rows]
+    at = pd.Index(list(flows)).get_indexer(conn_id)
+    return out[0, at], out[1, at]
 
 
 def _old_reset_by_new_syn(fold: Flow, t: float) -> float | None:
