@@ -310,7 +310,8 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     `capture_end` is when the whole timeline ends (default: its last packet); a caller that
     builds one part of a larger timeline (batch partitions) passes the timeline's end.
     """
-    seg, conns = assign_connections(segments)
+    compiled = use_compiled(len(segments) >= COMPILED_MIN_SEGMENTS)  # numba kernels, Python for the rest
+    seg, conns = assign_connections(segments, compiled)
     if capture_end is None:
         capture_end = max((c.last_ts for c in captures if c.last_ts is not None), default=0.0)
         if len(seg):
@@ -326,7 +327,6 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     details: dict[str, str] = {}  # one object per distinct text: most repeat ("2MSL expired")
     endpoints = {}
     fast_rows, fast_events, histories = {}, {}, {}
-    compiled = use_compiled(len(seg) >= COMPILED_MIN_SEGMENTS)  # numba kernels, Python for the rest
     if compiled:
         todo, (fast_rows, fast_events, histories) = _compiled(flows, conns, capture_end, params, details)
         if progress is not None:

@@ -9,6 +9,7 @@ never open a new record.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -79,8 +80,9 @@ def _endpoints(seg: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
             (codes[n:].astype(np.int64) << 16) | seg["dport"].to_numpy())
 
 
-def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Add `conn` and `dir` (0: client->server, 1: server->client) and `dup` to the segments.
+def assign_connections(seg: pd.DataFrame, compiled: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Add `conn` and `dir` (0: client->server, 1: server->client) and `dup` to the segments;
+    `compiled`: split the incarnations with numba (fastflows).
 
     Returns (segments, connections) where connections has one row per incarnation with
     conn_id, client/server endpoints, roles_inferred and incarnation.
@@ -96,31 +98,30 @@ def assign_connections(seg: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     seg = seg.assign(dup=mark_duplicates(seg, (a, b)))  # the caller's columns shared, not copied
     pair = pd.factorize(np.minimum(a, b))[0] * n + pd.factorize(np.maximum(a, b))[0]  # < n * n
     group = pd.factorize(pair)[0]
-    seg["_group"] = group
     inc = np.zeros(n, dtype=np.int64)
     flags = seg["flags"].to_numpy()
     is_syn = (flags & (SYN | ACK)) == SYN
-    syn_keys = seg.loc[is_syn, ["_group", "src", "sport", "seq"]].drop_duplicates()
-    multi = syn_keys.groupby("_group").size()
+    syn_keys = pd.DataFrame({"group": group[is_syn], "sender": a[is_syn],
+                             "seq": seg["seq"].to_numpy()[is_syn]}).drop_duplicates()
+    multi = syn_keys.groupby("group").size()
     multi = multi[multi > 1].index.to_numpy()
     if len(multi):  # only 4-tuples with more than one SYN can hold more than one incarnation
         rows = np.flatnonzero(np.isin(group, multi))
         rows = rows[np.argsort(group[rows], kind="stable")]  # each group's rows, in time order
-        bounds = (np.flatnonzero(np.diff(group[rows])) + 1).tolist()
-        cols = [v[rows].tolist() for v in (a, seg["seq"].to_numpy(), seg["ack"].to_numpy(), flags,
-                                           seg["plen"].to_numpy())]
-        inc[rows] = [k for lo, hi in zip([0, *bounds], [*bounds, len(rows)])
-                     for k in _split_incarnations(*(v[lo:hi] for v in cols))]
-    seg["_inc"] = inc
-    conns = _roles(seg)
-    at = pd.MultiIndex.from_arrays([conns["_group"], conns["_inc"]]).get_indexer(
-        pd.MultiIndex.from_arrays([group, inc]))
-    seg["conn"] = conns["conn_id"].to_numpy()[at]
-    client = (seg["src"].to_numpy() == conns["client_ip"].to_numpy()[at]) & \
-        (seg["sport"].to_numpy() == conns["client_port"].to_numpy()[at])
-    seg["dir"] = np.where(client, 0, 1).astype(np.int8)
-    seg = seg.drop(columns=["_group", "_inc"])
-    conns = conns.drop(columns=["_group", "_inc"])
+        bounds = np.flatnonzero(np.diff(group[rows], prepend=-1))
+        cols = [v[rows] for v in (a, seg["seq"].to_numpy(), seg["ack"].to_numpy(), flags,
+                                  seg["plen"].to_numpy())]
+        if compiled:
+            from .fastflows import split_incarnations
+            inc[rows] = split_incarnations(bounds, *cols)
+        else:
+            cols = [v.tolist() for v in cols]
+            bounds = [*bounds.tolist(), len(rows)]
+            inc[rows] = [k for lo, hi in pairwise(bounds)
+                         for k in _split_incarnations(*(v[lo:hi] for v in cols))]
+    conns, conn, client = _roles(seg, group, inc, (a, b))
+    seg["conn"] = conn
+    seg["dir"] = np.where(a == client, 0, 1).astype(np.int8)
     return seg, conns
 
 
@@ -178,45 +179,48 @@ def _best_fit(incs: list[_Incarnation], side: int, seq: int, ack: int, flags: in
     return best
 
 
-def _roles(seg: pd.DataFrame) -> pd.DataFrame:
-    """One row per incarnation: who is client (the SYN's sender), in order of first packet."""
-    keys = ["_group", "_inc"]
-    ends = ["src", "sport", "dst", "dport"]
+def _roles(seg: pd.DataFrame, group: np.ndarray, inc: np.ndarray, ends: tuple[np.ndarray, np.ndarray]):
+    """One row per incarnation: who is client (the SYN's sender, else the SYN-ACK's receiver,
+    else a guess from the ports), numbered in order of first packet. Also returns each
+    segment's conn_id and its connection's client endpoint code (see `_endpoints`)."""
+    n = len(seg)
+    codes = pd.factorize(group * (int(inc.max()) + 1) + inc)[0]  # incarnations in order of appearance
+    m = int(codes.max()) + 1
     fl = seg["flags"].to_numpy() & (SYN | ACK)
-    first = seg.groupby(keys, sort=False)[["ts", *ends]].first()
-    syn = seg[fl == SYN].groupby(keys, sort=False)[ends].first().add_prefix("syn_")
-    synack = seg[fl == SYN | ACK].groupby(keys, sort=False)[ends].first().add_prefix("sa_")
-    t = first.join(syn).join(synack).reset_index()
-    has_syn, has_sa = t["syn_src"].notna().to_numpy(), t["sa_src"].notna().to_numpy()
-    guessed = [_guess_roles((a, ap), (b, bp)) for a, ap, b, bp in
-               zip(t["src"], t["sport"], t["dst"], t["dport"])]
-    g_client = pd.DataFrame([c for c, _ in guessed], columns=["ip", "port"])
-    g_server = pd.DataFrame([s for _, s in guessed], columns=["ip", "port"])
 
-    def pick(from_syn, from_synack, guess):  # the SYN's sender, else the SYN-ACK's receiver
-        return np.where(has_syn, t[from_syn], np.where(has_sa, t[from_synack], guess))
+    def first_row(rows):  # each incarnation's first of `rows`, -1 if none
+        out = np.full(m, -1, dtype=np.int64)
+        k, at = np.unique(codes[rows], return_index=True)
+        out[k] = rows[at]
+        return out
 
+    first = first_row(np.arange(n))
+    syn, synack = first_row(np.flatnonzero(fl == SYN)), first_row(np.flatnonzero(fl == SYN | ACK))
+    sport, dport = seg["sport"].to_numpy(), seg["dport"].to_numpy()
+    has_syn, has_sa = syn >= 0, synack >= 0
+    # the client is the source (0) or the destination (1) of one segment
+    row = np.where(has_syn, syn, np.where(has_sa, synack, first))
+    guess = _service_like(sport[first]) > _service_like(dport[first])
+    side = np.where(has_syn, 0, np.where(has_sa, 1, guess))
+    src, dst = seg["src"].to_numpy()[row], seg["dst"].to_numpy()[row]
+    order = np.argsort(seg["ts"].to_numpy()[first], kind="stable")  # conn_id: by first packet
+    row, side = row[order], side[order].astype(bool)
+    src, dst, sp, dp = src[order], dst[order], sport[row], dport[row]
     conns = pd.DataFrame({
-        "_group": t["_group"], "_inc": t["_inc"], "first_ts": t["ts"],
-        "client_ip": pick("syn_src", "sa_dst", g_client["ip"]),
-        "client_port": pick("syn_sport", "sa_dport", g_client["port"]).astype(np.int64),
-        "server_ip": pick("syn_dst", "sa_src", g_server["ip"]),
-        "server_port": pick("syn_dport", "sa_sport", g_server["port"]).astype(np.int64),
-        "roles_inferred": ~has_syn,
+        "conn_id": np.arange(m, dtype=np.int64),
+        "client_ip": np.where(side, dst, src), "client_port": np.where(side, dp, sp).astype(np.int64),
+        "server_ip": np.where(side, src, dst), "server_port": np.where(side, sp, dp).astype(np.int64),
+        "roles_inferred": ~has_syn[order],
     })
-    conns = conns.sort_values("first_ts", kind="stable", ignore_index=True)
-    conns.insert(0, "conn_id", np.arange(len(conns), dtype=np.int64))
-    conns["incarnation"] = conns.groupby("_group").cumcount().astype(np.int64)
-    return conns.drop(columns=["first_ts"])
+    four_tuple = group[first[order]]
+    conns["incarnation"] = pd.Series(four_tuple).groupby(four_tuple).cumcount().astype(np.int64)
+    conn_id = np.empty(m, dtype=np.int64)
+    conn_id[order] = np.arange(m)
+    client = np.where(side, ends[1][row], ends[0][row])
+    return conns, conn_id[codes], client[conn_id[codes]]
 
 
-def _guess_roles(first_sender, first_receiver):
-    """Without a SYN: the service port is the server (well-known port, or not ephemeral)."""
-    p1, p2 = first_sender[1], first_receiver[1]
-
-    def service_like(p: int) -> int:
-        return 2 if p < 1024 else 0 if EPHEMERAL[0] <= p <= 65535 else 1
-
-    if service_like(p1) > service_like(p2):
-        return first_receiver, first_sender
-    return first_sender, first_receiver
+def _service_like(port: np.ndarray) -> np.ndarray:
+    """Without a SYN, the more service-like port is the server's: 2 for a well-known port,
+    0 for an ephemeral one, 1 between (the first packet's sender is client on a tie)."""
+    return np.where(port < 1024, 2, np.where((port >= EPHEMERAL[0]) & (port <= 65535), 0, 1))

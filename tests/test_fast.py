@@ -12,13 +12,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import dpkt
+import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
 from pcapflow.analysis import build
 from pcapflow.capture import CaptureError, Limits, fast, read_captures
+from pcapflow.seq import ACK, FIN, RST, SYN
 from pcapflow.teardown import Params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,8 +189,6 @@ def test_duplicates_by_hash_equal_duplicates_by_sorting_every_key(collide, monke
 
 
 def test_factorize_rows_packed_or_not_numbers_rows_in_order_of_first_appearance():
-    import numpy as np
-
     from pcapflow.capture import factorize_rows
     rng = np.random.default_rng(7)
     cases = [(rng.integers(0, 5, 1000), rng.integers(0, 3, 1000)),  # packed in one int64
@@ -202,3 +204,30 @@ def test_factorize_rows_packed_or_not_numbers_rows_in_order_of_first_appearance(
             first.setdefault(r, len(first))
         assert codes.tolist() == [first[r] for r in rows]
         assert list(zip(*(lv.tolist() for lv in levels))) == list(first)
+
+
+SEGMENT = st.tuples(st.integers(0, 1),  # sender: the 4-tuple's first sender or the other
+                    st.sampled_from([0, 1 << 31, (1 << 32) - 3]),  # sequence spaces, one wrapping
+                    st.integers(0, 6), st.integers(0, 6),  # seq and ack offsets into them
+                    st.sampled_from([SYN, SYN | ACK, ACK, ACK | FIN, FIN, RST, RST | ACK, 0]),
+                    st.integers(0, 3))  # payload length
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(SEGMENT, min_size=1, max_size=30), min_size=1, max_size=4))
+def test_compiled_incarnations_equal_reference(four_tuples):
+    """fastflows numbers the incarnations of several 4-tuples at once as
+    flows._split_incarnations does for each: SYNs, retransmitted SYNs, SYN-ACKs matched to
+    their SYN, segments fitted to the nearest sequence spaces across the 2^32 wrap."""
+    from pcapflow.fastflows import split_incarnations
+    from pcapflow.flows import MOD, _split_incarnations
+    cols, bounds, expected = [[] for _ in range(5)], [], []
+    for segments in four_tuples:
+        bounds.append(len(cols[0]))
+        ep, seq, ack, flags, plen = zip(*((7 + side, (base + s) % MOD, (base + a) % MOD, fl, n)
+                                         for side, base, s, a, fl, n in segments))
+        expected += _split_incarnations(list(ep), list(seq), list(ack), list(flags), list(plen))
+        for col, values in zip(cols, (ep, seq, ack, flags, plen)):
+            col += values
+    got = split_incarnations(np.array(bounds), *(np.array(c, dtype=np.int64) for c in cols))
+    assert got.tolist() == expected
