@@ -328,7 +328,7 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     endpoints = {}
     fast_rows, fast_events, histories = {}, {}, {}
     if compiled:
-        todo, (fast_rows, fast_events, histories) = _compiled(flows, conns, capture_end, params, details)
+        todo, (fast_rows, fast_events, histories) = _compiled(flows, conns, capture_end, params)
         if progress is not None:
             progress(len(histories), len(flows))
     else:
@@ -436,7 +436,7 @@ class _Flows(Mapping):
         return len(self._rows)
 
 
-def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Params, details: dict):
+def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Params):
     """The compiled path: every connection's vantage, and the connections the kernel can
     reconstruct. Returns (conn_id, Flow, vantage) of the rest, and the kernel's connection
     columns, event columns and endpoints (fastteardown.clean_connections)."""
@@ -446,7 +446,7 @@ def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Pa
     client_ip, server_ip = at["client_ip"].to_numpy(), at["server_ip"].to_numpy()
     loopback = np.array(list(map(vt.is_loopback, client_ip, server_ip)), dtype=np.bool_)
     vantage = ft.vantages(flows.cols, flows.starts, flows.ends, client_ip, server_ip, loopback)
-    done = ft.clean_connections(flows, ids, vantage, capture_end, params.msl, details)
+    done = ft.clean_connections(flows, ids, vantage, capture_end, params.msl)
     left = np.flatnonzero(~np.isin(ids, done[0]["conn_id"]))
     return ((ids[k], flows[ids[k]], ft.VANTAGES[vantage[k]]) for k in left.tolist()), done
 

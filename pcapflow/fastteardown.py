@@ -500,8 +500,7 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
-def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: float, msl: float,
-                      details: dict[str, str]):
+def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: float, msl: float):
     """The kernel's connections as analysis.build holds them: their conn_ids, their
     connection-table columns and events (arrays as pd.DataFrame takes them) and their
     (client, server) Endpoints. `flows`: analysis._Flows; `ids`: its conn_ids in its order;
@@ -509,17 +508,20 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     ok, i, x, ev_t, ev_i, times, states = reconstruct_clean(
         flows.cols, flows.starts, flows.ends, vantage, capture_end, msl)
     cid = np.asarray(ids, dtype=np.int64)[ok]
-    ts, names = flows.cols["ts"], np.array(STATES + [""], dtype=object)  # code -1: no state
-    i, x, n = i.T, x.T, len(ok)
+    ts, i, x, n = flows.cols["ts"], i.T, x.T, len(ok)
 
-    def texts(vocabulary, codes):
-        return np.array(vocabulary, dtype=object)[codes]
+    def texts(vocabulary, codes):  # typed as pd.DataFrame types a list of them (all None: object)
+        out = pd.Series(np.array(vocabulary, dtype=object)).array.take(codes)
+        return out if not pd.isna(out).all() else np.full(len(codes), None, dtype=object)
 
     def floats(col):  # pd.DataFrame makes a float64 column of floats and None, but keeps all None
         return col if not np.isnan(col).all() else np.full(n, None, dtype=object)
 
     def rounded(col):  # round(x, 6), as Python rounds each
-        return floats(np.array([round(v, 6) for v in col.tolist()]))
+        col = col.copy()
+        some = ~np.isnan(col)
+        col[some] = [round(v, 6) for v in col[some].tolist()]
+        return floats(col)
 
     def longest(a, b):  # detectors._longest of two rounded durations (NaN: None)
         return rounded(np.fmax(a, b))
@@ -551,13 +553,15 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
         "client_last_data_ts": floats(x[N_LAST_DATA]),
         **{name: col[ok] for name, col in http.items()},
     }
+    c = ev_i[:, E_DETAIL]  # the texts with a value ("ack 1234") made once each
+    detail, distinct = pd.factorize(np.where(c >= D_ACK, (c << 33) | ev_i[:, E_VALUE], c))
     text = DETAILS + ["ack {}", "retransmission {}"]
-    detail = [text[c].format(v) if c >= D_ACK else details.setdefault(text[c], text[c])
-              for c, v in zip(ev_i[:, E_DETAIL].tolist(), ev_i[:, E_VALUE].tolist())]
+    names = STATES + [""]  # code -1: no state
     events = {"conn_id": np.repeat(cid, i[I_NEVENTS]), "ts": ev_t,
               "side": texts(["client", "server"], ev_i[:, E_SIDE]), "kind": texts(KINDS, ev_i[:, E_KIND]),
-              "state_from": names[ev_i[:, E_FROM]], "state_to": names[ev_i[:, E_TO]],
-              "detail": np.array(detail, dtype=object)}
+              "state_from": texts(names, ev_i[:, E_FROM]), "state_to": texts(names, ev_i[:, E_TO]),
+              "detail": texts([text[k >> 33].format(k & (1 << 33) - 1) if k >= D_ACK else text[k]
+                               for k in distinct.tolist()], detail)}
     return table, events, Histories(cid, i[[I_STATE0, I_STATE1]].T, i[[I_NHIST0, I_NHIST1]].T, times, states)
 
 
