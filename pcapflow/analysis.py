@@ -242,12 +242,13 @@ def _json_cells(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     if isinstance(col.dtype, pd.StringDtype):  # few distinct texts: sides, kinds, states
         codes, texts = pd.factorize(col)
         return codes, [encode_basestring_ascii(t) for t in texts] + ["null"]
-    if col.dtype == object:  # None, lists, mixed types: each present cell encoded
+    if col.dtype == object:  # None, lists, mixed types: each distinct object encoded once
+        present = col.notna().to_numpy()
+        values = col.to_numpy()[present]
         codes = np.full(len(col), -1, dtype=np.int64)
-        present = np.flatnonzero(col.notna().to_numpy())
-        texts = [_JSON_SCALARS.get(type(v), _dump)(v) for v in col.to_numpy()[present].tolist()]
-        codes[present], texts = pd.factorize(np.array(texts, dtype=object))
-        return codes, [*texts, "null"]
+        codes[present] = pd.factorize(np.fromiter(map(id, values), np.uint64, len(values)))[0]
+        first = np.unique(codes[present], return_index=True)[1]
+        return codes, [*(_JSON_SCALARS.get(type(v), _dump)(v) for v in values[first].tolist()), "null"]
     values = col.to_numpy()
     if values.dtype.kind == "f":  # bit for bit (-0.0 is not 0.0); NaN is null
         codes, bits = pd.factorize(values.view(np.int64))
@@ -257,7 +258,8 @@ def _json_cells(col: pd.Series) -> tuple[np.ndarray, list[str]]:
             texts[k] = "null" if math.isnan(floats[k]) else _json_float(float(floats[k]))
         return codes, texts
     codes, uniques = pd.factorize(values)
-    return codes, [_JSON_SCALARS.get(type(v), _dump)(v) for v in uniques.tolist()]
+    uniques = uniques.tolist()
+    return codes, list(map(_JSON_SCALARS.get(type(uniques[0]), _dump) if uniques else _dump, uniques))
 
 
 def _json_float(v: float) -> str:
@@ -320,7 +322,6 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     wire = _Flows(seg, order)  # Zeek counts every captured packet, duplicates included
     is_dup = seg["dup"].to_numpy()
     flows = _Flows(seg, order[~is_dup[order]]) if is_dup.any() else wire
-    inferred = dict(zip(conns["conn_id"].tolist(), conns["roles_inferred"].tolist()))
     # both tables held as one list per column: a dict or tuple per row would take ~3x the memory
     rows: dict[str, list] = defaultdict(list)
     events: dict[str, list] = {k: [] for k in EVENT_COLUMNS}
@@ -349,6 +350,7 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     endpoints = ChainMap(endpoints, histories)
     table = conns.merge(pd.DataFrame(_joined(fast_rows, rows)), on="conn_id", how="left")
     del rows, fast_rows
+    inferred = conns["roles_inferred"].to_numpy()  # conns' rows are in conn_id order
     table = table.merge(_zeek_table(wire, inferred, compiled), on="conn_id", how="left")
     table, reuse_events = _reuse(table, flows, endpoints)
     del wire, flows  # their copy of the segment columns
@@ -382,16 +384,15 @@ def _extend(columns: dict[str, list], rows: list[tuple]) -> None:
         column.extend(values)
 
 
-def _zeek_table(wire: _Flows, inferred: dict, compiled: bool) -> pd.DataFrame:
+def _zeek_table(wire: _Flows, inferred: np.ndarray, compiled: bool) -> pd.DataFrame:
     """conn_id and Zeek's conn.log columns of every connection: `compiled`, or by the reference
     replay (zeek.zeek_fields), which also does what the compiled one hands back."""
     ids = list(wire)
     if compiled:
         from .fastzeek import zeek_columns
         c = wire.cols
-        flipped = [zeek.flipped(d, fl, inferred[cid]) for cid, d, fl in
-                   zip(ids, c["d"][wire.starts].tolist(), c["flags"][wire.starts].tolist())]
-        cols, redo = zeek_columns(wire.starts, wire.ends, np.array(flipped, dtype=np.bool_),
+        flipped = zeek.flipped(c["d"][wire.starts], c["flags"][wire.starts], inferred[ids])
+        cols, redo = zeek_columns(wire.starts, wire.ends, flipped,
                                   *(c[k] for k in ("d", "flags", "seq", "ack", "plen", "win", "ts")))
     else:
         cols, redo = {k: [None] * len(ids) for k in zeek.COLUMNS}, range(len(ids))

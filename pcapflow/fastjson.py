@@ -27,9 +27,9 @@ def _join(codes, first, count, pool, off):
         for c in range(ncols):
             k = codes[c, r]
             k = first[c] + (k if k >= 0 else count[c] - 1)
-            for b in range(off[k], off[k + 1]):
-                out[at] = pool[b]
-                at += 1
+            size = off[k + 1] - off[k]
+            out[at:at + size] = pool[off[k]:off[k + 1]]
+            at += size
         out[at] = 125  # }
         at += 1
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .capture import factorize_rows
 from .seq import ACK, FIN, HALF, MOD, RST, SYN
 from .zeek import (
     ATTEMPT_DELAY,
@@ -356,14 +357,16 @@ def zeek_columns(starts: np.ndarray, ends: np.ndarray, flipped: np.ndarray, d: n
     texts, codes = np.unique(hist.view(f"S{MAX_HISTORY}").ravel(), return_inverse=True)
     names = texts.astype(str).tolist()
     history = [names[k] for k in codes.tolist()]
-    o_state, r_state, o_size, r_size, timed = (out[:, k].tolist() for k in (
-        O_OSTATE, O_RSTATE, O_OSIZE, O_RSIZE, O_TIMED))
+    o_size, r_size, timed = out[:, O_OSIZE], out[:, O_RSIZE], out[:, O_TIMED].astype(bool)
+    # conn_state once per distinct (states, sizes nonzero, history): it only compares sizes with 0
+    key, levels = factorize_rows(out[:, O_OSTATE], out[:, O_RSTATE], o_size != 0, r_size != 0, codes)
+    states = list(map(conn_state, *(v.tolist() for v in levels[:4]), [names[k] for k in levels[4].tolist()]))
     cols = {
-        "zeek_conn_state": list(map(conn_state, o_state, r_state, o_size, r_size, history)),
+        "zeek_conn_state": [states[k] for k in key.tolist()],
         "zeek_history": history,
         "orig_pkts": out[:, O_OPKTS].tolist(),
         "resp_pkts": out[:, O_RPKTS].tolist(),
-        "orig_bytes": [v if t else None for v, t in zip(o_size, timed)],
-        "resp_bytes": [v if t else None for v, t in zip(r_size, timed)],
+        "orig_bytes": np.where(timed, o_size, None).tolist(),
+        "resp_bytes": np.where(timed, r_size, None).tolist(),
     }
     return cols, np.flatnonzero(out[:, O_OVERFLOW]).tolist()

@@ -369,9 +369,10 @@ def conn_state(os_: int, rs: int, orig_size: int, resp_size: int, history: str) 
 COLUMNS = ["zeek_conn_state", "zeek_history", "orig_pkts", "resp_pkts", "orig_bytes", "resp_bytes"]
 
 
-def flipped(first_d: int, first_flags: int, roles_inferred: bool) -> bool:
-    """Whether Zeek took the first packet's receiver for the originator (history starts `^`)."""
-    return first_d == 1 and (roles_inferred or first_flags & (SYN | ACK) == SYN | ACK)
+def flipped(first_d, first_flags, roles_inferred):
+    """Whether Zeek took the first packet's receiver for the originator (history starts `^`);
+    for one connection or (numpy arrays) many."""
+    return (first_d == 1) & (roles_inferred | (first_flags & (SYN | ACK) == SYN | ACK))
 
 
 def zeek_fields(f: Flow, roles_inferred: bool) -> dict:
