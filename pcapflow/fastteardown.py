@@ -230,6 +230,13 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
          ev_t, ev_i, times, states, num, ints):
     """Connection rows lo..hi (time order), seen from vantage v: its outputs; ints[I_OK]
     stays 0 if the kernel cannot vouch for it."""
+    synack = False  # without the server's SYN-ACK it gives up below: before allocating anything
+    for i in range(lo, hi):
+        if d[i] == 1 and flags[i] & (SYN | ACK) == SYN | ACK:
+            synack = True
+            break
+    if not synack:
+        return
     # teardown.collect, giving up at anything but a clean close, no FIN, or a reset without FIN
     nsyn = np.zeros(2, np.int64)
     syn_row = np.full(2, -1, np.int64)
