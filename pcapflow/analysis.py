@@ -355,12 +355,14 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     table, reuse_events = _reuse(table, flows, endpoints)
     del wire, flows  # their copy of the segment columns
     _extend(events, reuse_events)
-    dup = seg.groupby("conn")["dup"].sum()
-    table["duplicates"] = table["conn_id"].map(dup).fillna(0).astype(int)
-    frames = seg.groupby(["conn", "dir"])["framelen"].sum().unstack(fill_value=0)
+    conn, at = seg["conn"].to_numpy(), table["conn_id"].to_numpy()  # conn_ids: 0..len(conns) - 1
+
+    def per_connection(weights, rows=slice(None)):
+        return np.bincount(conn[rows], weights=weights[rows], minlength=len(conns))[at].astype(np.int64)
+
+    table["duplicates"] = per_connection(seg["dup"].to_numpy())
     for d, side in enumerate(SIDE_NAMES):  # every captured frame, as tshark and Arkime count
-        col = frames[d] if d in frames else pd.Series(dtype="int64")
-        table[f"{side}_frame_bytes"] = table["conn_id"].map(col).fillna(0).astype(np.int64)
+        table[f"{side}_frame_bytes"] = per_connection(seg["framelen"].to_numpy(), seg["dir"].to_numpy() == d)
     table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
     ev = pd.DataFrame(_joined(fast_events, events))
     del events, fast_events  # the frame holds their values

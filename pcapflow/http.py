@@ -5,6 +5,7 @@ import functools
 import re
 
 import numpy as np
+import pandas as pd
 
 CONNECTION_HEADER = re.compile(r"\r\nconnection:\s*([^\r\n]*)", re.IGNORECASE)
 REQUEST_LINE = re.compile(r"^[A-Z]+ \S+ HTTP/1\.([01])")
@@ -37,7 +38,7 @@ def http_columns(d: np.ndarray, http: np.ndarray, plen: np.ndarray,
                  starts: np.ndarray) -> dict[str, np.ndarray]:
     """http_fields of each connection k at once: its rows are starts[k]..starts[k + 1] of
     the columns (the last one's, to their end)."""
-    rows = np.flatnonzero([isinstance(t, str) for t in http.tolist()])
+    rows = np.flatnonzero(pd.notna(http))  # None where a segment starts no HTTP message
     conn = np.searchsorted(starts, rows, side="right") - 1
     found = np.array([message(a, t, min(n, HEAD_BYTES)) for a, t, n in
                       zip(d[rows].tolist(), http[rows].tolist(), plen[rows].tolist())],
