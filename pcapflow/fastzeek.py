@@ -346,27 +346,25 @@ def _replay(timers, starts, ends, flipped, d, flags, seq, ack, plen, win, ts, ou
 
 def zeek_columns(starts: np.ndarray, ends: np.ndarray, flipped: np.ndarray, d: np.ndarray,
                  flags: np.ndarray, seq: np.ndarray, ack: np.ndarray, plen: np.ndarray,
-                 win: np.ndarray, ts: np.ndarray) -> tuple[dict[str, list], list[int]]:
+                 win: np.ndarray, ts: np.ndarray) -> tuple[dict, list[int]]:
     """zeek.COLUMNS of each connection (rows starts[k]..ends[k] of the columns, in time
     order), and the connections the buffers could not hold: the caller asks the reference."""
     n = len(starts)
     out = np.zeros((n, 9), dtype=np.int64)
-    hist = np.zeros((n, MAX_HISTORY), dtype=np.uint8)
-    _replay(TIMERS, starts, ends, flipped, d, flags, seq, ack, plen, win, ts, out, hist,
+    padded = np.zeros((n, -(-MAX_HISTORY // 8) * 8), dtype=np.uint8)  # whole 8-byte words
+    _replay(TIMERS, starts, ends, flipped, d, flags, seq, ack, plen, win, ts, out, padded[:, :MAX_HISTORY],
             np.zeros((2, MAX_BLOCKS, 2), dtype=np.int64))
-    texts, codes = np.unique(hist.view(f"S{MAX_HISTORY}").ravel(), return_inverse=True)
-    names = texts.astype(str).tolist()
-    history = [names[k] for k in codes.tolist()]
+    # each distinct history once: its letters are ASCII, so its 8-byte words are non-negative
+    codes, words = factorize_rows(*padded.view(np.int64).T)
+    names = np.stack(words, axis=1).view(f"S{padded.shape[1]}").ravel().astype(str).astype(object)
     o_size, r_size, timed = out[:, O_OSIZE], out[:, O_RSIZE], out[:, O_TIMED].astype(bool)
     # conn_state once per distinct (states, sizes nonzero, history): it only compares sizes with 0
     key, levels = factorize_rows(out[:, O_OSTATE], out[:, O_RSTATE], o_size != 0, r_size != 0, codes)
-    states = list(map(conn_state, *(v.tolist() for v in levels[:4]), [names[k] for k in levels[4].tolist()]))
-    cols = {
-        "zeek_conn_state": [states[k] for k in key.tolist()],
-        "zeek_history": history,
-        "orig_pkts": out[:, O_OPKTS].tolist(),
-        "resp_pkts": out[:, O_RPKTS].tolist(),
-        "orig_bytes": np.where(timed, o_size, None).tolist(),
+    states = np.array(list(map(conn_state, *(v.tolist() for v in levels[:4]), names[levels[4]])), dtype=object)
+    cols = {  # arrays the reference's values can be written into, typed by pd.DataFrame as lists
+        "zeek_conn_state": states[key], "zeek_history": names[codes],
+        "orig_pkts": out[:, O_OPKTS], "resp_pkts": out[:, O_RPKTS],
+        "orig_bytes": np.where(timed, o_size, None).tolist(),  # ints and None: float64 if any None
         "resp_bytes": np.where(timed, r_size, None).tolist(),
     }
     return cols, np.flatnonzero(out[:, O_OVERFLOW]).tolist()

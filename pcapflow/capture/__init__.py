@@ -183,7 +183,7 @@ def _account(chunk: Chunk, info: CaptureInfo, caps: _Caps) -> dict[str, np.ndarr
     seg_at = np.flatnonzero(code == 0)  # the frame of each segment row
     keep = good[seg_at]
     code[seg_at[~keep]] = CODE["bad_timestamp"]  # the fast path decodes before it knows
-    segments = {k: v[keep] for k, v in chunk.segments.items()}
+    segments = chunk.segments if keep.all() else {k: v[keep] for k, v in chunk.segments.items()}
     seg_at = seg_at[keep]
     capped = caps.apply(segments)
     if capped is not None:

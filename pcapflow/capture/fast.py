@@ -431,7 +431,9 @@ def _chunk(buf: np.ndarray, o: np.ndarray, index: int, state: dict) -> Chunk:
     raw = memoryview(buf)
     for r in np.flatnonzero(ok & (o[F["http_end"]] > 0)).tolist():
         cols["http"][r] = bytes(raw[o[F["http_at"], r]:o[F["http_end"], r]]).decode("latin-1")
-    segments = {name: cols[name][ok].astype(dtype) for name, dtype in SEGMENT_COLUMNS.items()}
+    every = not fallback.any()  # most chunks: one copy of each column, out of the kernel's buffer
+    segments = {name: (cols[name] if every else cols[name][ok]).astype(dtype)
+                for name, dtype in SEGMENT_COLUMNS.items()}
     # frames the kernel did not vouch for: the reference decoder, merged in frame order
     slow = np.flatnonzero(fallback)
     if len(slow):
