@@ -117,6 +117,26 @@ def test_derived_forms_read_the_same(src, form, tmp_path, tiny_buffers):
     assert a[1][0]["format"] == ("pcapng" if form == "pcapng" else "pcap")
 
 
+def test_connection_cap_knows_each_4tuple_again_past_32768_addresses():
+    """The cap keeps a 4-tuple as one int while its endpoint codes fit in 31 bits and as a
+    pair beyond (addresses past the 32,768th): a 4-tuple seen again is known either way."""
+    from pcapflow.capture import CODE, _Caps
+    n = 40_000
+    clients = np.array([f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(n)], dtype=object)
+
+    def chunk(src, dst, sport):
+        return {"ts": np.zeros(len(src)), "src": src, "dst": dst, "sport": np.full(len(src), sport),
+                "dport": np.full(len(src), 80)}
+
+    server = np.array(["192.0.2.1"], dtype=object)
+    caps = _Caps(Limits(max_connections=1 + n - 5))
+    assert caps.apply(chunk(server, server, 1)) is None  # the server's address: code 0
+    for _ in range(2):  # all new (room for all but 5), then all seen before
+        out = caps.apply(chunk(clients, np.repeat(server, n), 40_000))
+        assert (out[:n - 5] == 0).all() and (out[n - 5:] == CODE["connection_cap"]).all()
+    assert sum(isinstance(k, tuple) for k in caps.tuples) == n - 5 - 32_767  # ids >= 32768
+
+
 @pytest.mark.parametrize("limits", [Limits(max_segments=500), Limits(max_connections=37),
                                     Limits(max_segments=900, max_connections=60)])
 def test_caps_cut_at_the_same_frame(limits, tiny_buffers):

@@ -212,7 +212,7 @@ class _Caps:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.kept = 0
-        self.tuples: set[tuple] = set()
+        self.tuples: set[int | tuple[int, int]] = set()  # the 4-tuples kept (see apply)
         self.addresses: dict[str, int] = {}
 
     def apply(self, seg: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -227,8 +227,12 @@ class _Caps:
         a = (ids[:n] << 16) | seg["sport"]
         b = (ids[n:] << 16) | seg["dport"]
         codes, (lo, hi) = factorize_rows(np.minimum(a, b), np.maximum(a, b))
-        keys = list(zip(lo.tolist(), hi.tolist()))  # each 4-tuple once, in order of first appearance
-        known = np.fromiter((k in self.tuples for k in keys), dtype=bool, count=len(keys))
+        # each 4-tuple once, in order of first appearance, as one int (quick to hash) when its
+        # endpoint codes fit in 31 bits, else as a pair: always the same key for one 4-tuple
+        keys = ((lo << 31) | hi).tolist()
+        for k in np.flatnonzero(hi >= 1 << 31).tolist():
+            keys[k] = (int(lo[k]), int(hi[k]))
+        known = np.fromiter(map(self.tuples.__contains__, keys), dtype=bool, count=len(keys))
         lim = self.limits
         if self.kept + n <= lim.max_segments and len(self.tuples) + (~known).sum() <= lim.max_connections:
             self.tuples.update(keys)
