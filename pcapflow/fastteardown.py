@@ -524,11 +524,12 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     def floats(col):  # pd.DataFrame makes a float64 column of floats and None, but keeps all None
         return col if not np.isnan(col).all() else np.full(n, None, dtype=object)
 
-    def rounded(col):  # round(x, 6), as Python rounds each
-        col = col.copy()
-        some = ~np.isnan(col)
-        col[some] = [round(v, 6) for v in col[some].tolist()]
-        return floats(col)
+    def rounded(col):  # round(x, 6) as Python rounds: numpy's where x * 1e6 is clearly off a half
+        scaled = col * 1e6
+        out = np.round(scaled) / 1e6  # the double nearest m / 10**6, as Python's round gives
+        redo = np.flatnonzero((np.abs(scaled - np.floor(scaled) - 0.5) < 1e-3) | (np.abs(scaled) >= 2.0**52))
+        out[redo] = [round(v, 6) for v in col[redo].tolist()]
+        return floats(out)
 
     def longest(a, b):  # detectors._longest of two rounded durations (NaN: None)
         return rounded(np.fmax(a, b))
