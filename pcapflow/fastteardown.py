@@ -651,9 +651,10 @@ def vantages(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
     _vantages(TTLS, RATIO, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
               cols["ttl"], loopback, out)
     undecided = out == UNDECIDED
-    if undecided.any():
-        votes = pd.Series(np.concatenate([client_ip[out == 0], server_ip[out == 1]])).value_counts()
-        c = pd.Series(client_ip[undecided]).map(votes).fillna(0).to_numpy()
-        s = pd.Series(server_ip[undecided]).map(votes).fillna(0).to_numpy()
+    if undecided.any():  # hosts as codes: votes counted by bincount
+        host = pd.factorize(np.concatenate([client_ip, server_ip]))[0]
+        client, server = host[:len(out)], host[len(out):]
+        votes = np.bincount(np.concatenate([client[out == 0], server[out == 1]]), minlength=host.max() + 1)
+        c, s = votes[client[undecided]], votes[server[undecided]]
         out[undecided] = np.where(c > s, 0, np.where(s > c, 1, VANTAGES.index("unknown")))
     return out
