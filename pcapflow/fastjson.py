@@ -35,9 +35,10 @@ def _join(codes, first, count, pool, off):
     return out
 
 
-def join_rows(columns: list[tuple[np.ndarray, list[str]]], keys: list[str]) -> str:
+def join_rows(columns: list[tuple[np.ndarray, list[str]]], keys: list[str]) -> np.ndarray:
     """The rows' JSON from each column's codes and texts (see analysis._json_cells), each
-    text written after its column's key (which opens the row for the first column)."""
+    text written after its column's key (which opens the row for the first column), as
+    ASCII bytes."""
     pieces = [key + t for key, (_, texts) in zip(keys, columns) for t in texts]
     count = np.array([len(texts) for _, texts in columns], dtype=np.int64)
     first = np.concatenate([[0], np.cumsum(count)[:-1]])
@@ -45,4 +46,4 @@ def join_rows(columns: list[tuple[np.ndarray, list[str]]], keys: list[str]) -> s
     np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)), out=off[1:])  # ASCII: bytes
     pool = np.frombuffer("".join(pieces).encode("ascii"), dtype=np.uint8)
     codes = np.stack([c.astype(np.int64, copy=False) for c, _ in columns])
-    return _join(codes, first, count, pool, off).tobytes().decode("ascii")
+    return _join(codes, first, count, pool, off)
