@@ -2,8 +2,8 @@
 
 Most connections of a big capture close cleanly (one SYN, one SYN-ACK, the ACK, one FIN from
 each side, each acknowledged; no RST, keepalive, retransmitted FIN or data after a FIN), are
-still open at the capture's end or were reset (no FIN at all), or are attempts refused or
-left unanswered (`_attempt`). For those the kernel runs
+half-closed (one such FIN: the peer in CLOSE_WAIT), still open at the capture's end or reset
+(no FIN at all), or are attempts refused or left unanswered (`_attempt`). For those the kernel runs
 reconstruct's steps (the automaton inputs and their order, tcpstate.TRANSITIONS as a table,
 TIME_WAIT, the events, the teardown columns) over the flow columns of all connections at
 once; `vantages` decides every connection's vantage as analysis._with_vantages does. Every
@@ -52,7 +52,8 @@ VANTAGES = ["client", "server", "middle", "both", "unknown"]
 UNDECIDED = len(VANTAGES)  # the same hosts' votes decide
 LOCAL = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]], dtype=np.bool_)  # vt.local_sides
 TTLS = np.array(sorted(INITIAL_TTLS), dtype=np.int64)
-CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open", "refused", "unanswered", "reset"]
+CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open", "refused", "unanswered", "reset",
+               "half_closed"]
 HANDSHAKES = ["complete", "partial"]
 WHO = ["client", "server", "both", "none"]
 MAX_EVENTS = 16  # a clean close makes at most 14: 4 handshake, 3 per FIN, 2 TIME_WAIT ends
@@ -296,11 +297,14 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
             last_data0 = i
     if nsyn[0] != 1 or nsyn[1] != 1 or flags[syn_row[0]] & ACK or not flags[syn_row[1]] & ACK:
         return
-    closed = fin_row[0] >= 0 and fin_row[1] >= 0  # else no FIN at all: open, or reset
-    reset = rst_first[0] >= 0 or rst_first[1] >= 0
-    if syn_row[0] > syn_row[1] or closed != (fin_row[0] >= 0 or fin_row[1] >= 0) \
-            or closed and (reset or ack_first[0] < 0 or ack_first[1] < 0):
+    closed = fin_row[0] >= 0 and fin_row[1] >= 0
+    half = not closed and (fin_row[0] >= 0 or fin_row[1] >= 0)  # one FIN: half-closed
+    reset = rst_first[0] >= 0 or rst_first[1] >= 0  # (no FIN at all: open, or reset)
+    if syn_row[0] > syn_row[1]:
         return
+    for s in range(2):  # each FIN acknowledged, and no RST with a FIN
+        if fin_row[s] >= 0 and (reset or ack_first[s] < 0):
+            return
     k = syn_row[1]  # detectors.handshake_rows: the SYN, the SYN-ACK, the client's ACK of it
     est = _ack_of_synack(k, hi, d, flags, seq, ack)
     if est < 0:
@@ -308,7 +312,7 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
     local0, local1 = LOCAL[v, 0], LOCAL[v, 1]
     for s in range(2):  # detectors._ipid_gap: FIN copies lost before the capture point
         tx = fin_row[s]
-        if not closed or LOCAL[v, s] or ipid[tx] <= 0:
+        if tx < 0 or LOCAL[v, s] or ipid[tx] <= 0:
             continue
         count, prev, last, steady = 0, -1, -1, True
         for j in range(lo, tx):
@@ -332,7 +336,9 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         in_t[m] = t
         in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = order, s, event, kind, detail
         m += 1
-    for s in range(2 if closed else 0):
+    for s in range(2):
+        if fin_row[s] < 0:
+            continue
         tx = fin_row[s]
         in_t[m] = ts[tx]
         in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = 1, s, SEND_FIN, K_FIN, 1 if plen[tx] else 0
@@ -404,7 +410,9 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
                 return
             if old >= 0:
                 _event(ints, ev_t, ev_i, tw_end[s], s, K_STATE, old, ints[I_STATE0 + s], 6, 0)
-    for s in range(2 if closed else 0):  # the peer's ACK of each FIN
+    for s in range(2):  # the peer's ACK of each FIN
+        if fin_row[s] < 0:
+            continue
         i = ack_first[s]
         st = _state_at(ints, times, states, 1 - s, ts[i])
         _event(ints, ev_t, ev_i, ts[i], 1 - s, K_ACK_OF_FIN, st, st, D_ACK, ack[i])
@@ -414,7 +422,10 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         ints[I_RST_BY] = 2 if rst_first[0] >= 0 and rst_first[1] >= 0 else 0 if rst_first[0] >= 0 else 1
         first_rst = min(rst_first[0] if rst_first[0] >= 0 else hi, rst_first[1] if rst_first[1] >= 0 else hi)
         num[N_TEARDOWN] = ts[max(rst_last[0], rst_last[1])] - ts[first_rst]
-    if not closed:
+    if half:
+        active = 0 if fin_row[0] >= 0 else 1
+        passive = 1 - active
+    elif not closed:
         active = 3
     elif fin_acks_peer[0] and not fin_acks_peer[1]:
         active, passive = 1, 0
@@ -430,16 +441,20 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         ints[I_CLOSE] = 6 if reset else 3
     elif active == 2:
         ints[I_CLOSE] = 2
+    elif half:
+        ints[I_CLOSE] = 7
     else:
         ints[I_CLOSE] = 0 if ack_first[active] == fin_row[passive] else 1
     for s in range(2):
         num[N_CLOSE_WAIT0 + s] = _time_in(times, states, ints[I_NHIST0 + s], s, CLOSE_WAIT, capture_end)
         num[N_FIN_WAIT2_0 + s] = _time_in(times, states, ints[I_NHIST0 + s], s, FIN_WAIT_2, capture_end)
-    if closed:
-        num[N_FIN_TS0] = ts[fin_row[0]]
-        num[N_FIN_TS1] = ts[fin_row[1]]
-        first_td = min(ts[fin_row[0]], ts[fin_row[1]])
-        last_td = max(max(ts[fin_row[0]], ts[fin_row[1]]), max(ts[ack_last[0]], ts[ack_last[1]]))
+    if closed or half:
+        first_td, last_td = np.inf, -np.inf
+        for s in range(2):
+            if fin_row[s] >= 0:
+                num[N_FIN_TS0 + s] = ts[fin_row[s]]
+                first_td = min(first_td, ts[fin_row[s]])
+                last_td = max(last_td, ts[fin_row[s]], ts[ack_last[s]])
         num[N_TEARDOWN] = last_td - first_td
     if last_data0 >= 0:
         num[N_LAST_DATA] = ts[last_data0]
