@@ -3,7 +3,8 @@
 Most connections of a big capture close cleanly (one SYN, one SYN-ACK, the ACK, one FIN from
 each side, each acknowledged; no RST, keepalive, retransmitted FIN or data after a FIN), are
 half-closed (one such FIN: the peer in CLOSE_WAIT), still open at the capture's end or reset
-(no FIN at all), or are attempts refused or left unanswered (`_attempt`). For those the kernel runs
+(no FIN at all), or are attempts refused or left unanswered (`_attempt`); the same without a
+handshake when the capture began mid-connection. For those the kernel runs
 reconstruct's steps (the automaton inputs and their order, tcpstate.TRANSITIONS as a table,
 TIME_WAIT, the events, the teardown columns) over the flow columns of all connections at
 once; `vantages` decides every connection's vantage as analysis._with_vantages does. Every
@@ -36,8 +37,8 @@ TRANSITIONS = np.full((len(STATES), len(INPUTS)), -1, dtype=np.int64)  # -1: no 
 for (_state, _input), _new in tcpstate.TRANSITIONS.items():
     if _input in INPUTS:
         TRANSITIONS[STATES.index(_state), INPUTS.index(_input)] = STATES.index(_new)
-LISTEN, TIME_WAIT, CLOSE_WAIT, FIN_WAIT_2 = (STATES.index(s) for s in (
-    "LISTEN", "TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT_2"))
+LISTEN, ESTABLISHED, TIME_WAIT, CLOSE_WAIT, FIN_WAIT_2 = (STATES.index(s) for s in (
+    "LISTEN", "ESTABLISHED", "TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT_2"))
 KINDS = ["SYN", "SYN_ACK", "ESTABLISHED", "FIN", "STATE", "ACK_OF_FIN", "RST"]
 K_SYN, K_SYN_ACK, K_ESTABLISHED, K_FIN, K_STATE, K_ACK_OF_FIN, K_RST = range(len(KINDS))
 RST_KINDS = [None, "refused", "other", "reply_to_closed", "abort"]  # detectors.rst_kind
@@ -54,7 +55,7 @@ LOCAL = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]], dtype=np.bool_)  # vt
 TTLS = np.array(sorted(INITIAL_TTLS), dtype=np.int64)
 CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open", "refused", "unanswered", "reset",
                "half_closed"]
-HANDSHAKES = ["complete", "partial"]
+HANDSHAKES = ["complete", "partial", "none"]
 WHO = ["client", "server", "both", "none"]
 MAX_EVENTS = 16  # a clean close makes at most 14: 4 handshake, 3 per FIN, 2 TIME_WAIT ends
 MAX_HISTORY = 8  # states per endpoint; a connection that needs more goes to Python
@@ -231,13 +232,16 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
          ev_t, ev_i, times, states, num, ints):
     """Connection rows lo..hi (time order), seen from vantage v: its outputs; ints[I_OK]
     stays 0 if the kernel cannot vouch for it."""
-    synack = False  # without the server's SYN-ACK it gives up below: before allocating anything
+    syn = synack = False  # SYNs without the server's SYN-ACK: given up below, before allocating
     for i in range(lo, hi):
-        if d[i] == 1 and flags[i] & (SYN | ACK) == SYN | ACK:
-            synack = True
-            break
-    if not synack:
+        if flags[i] & SYN:
+            syn = True
+            if d[i] == 1 and flags[i] & ACK:
+                synack = True
+                break
+    if syn and not synack:
         return
+    mid = not syn  # the capture began mid-connection: no handshake to replay
     # teardown.collect, giving up at anything but a clean close, no FIN, or a reset without FIN
     nsyn = np.zeros(2, np.int64)
     syn_row = np.full(2, -1, np.int64)
@@ -295,19 +299,19 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         last_win[s] = win[i]
         if s == 0 and n:
             last_data0 = i
-    if nsyn[0] != 1 or nsyn[1] != 1 or flags[syn_row[0]] & ACK or not flags[syn_row[1]] & ACK:
+    if not mid and (nsyn[0] != 1 or nsyn[1] != 1 or flags[syn_row[0]] & ACK or not flags[syn_row[1]] & ACK):
         return
     closed = fin_row[0] >= 0 and fin_row[1] >= 0
     half = not closed and (fin_row[0] >= 0 or fin_row[1] >= 0)  # one FIN: half-closed
     reset = rst_first[0] >= 0 or rst_first[1] >= 0  # (no FIN at all: open, or reset)
-    if syn_row[0] > syn_row[1]:
+    if not mid and syn_row[0] > syn_row[1]:
         return
     for s in range(2):  # each FIN acknowledged, and no RST with a FIN
         if fin_row[s] >= 0 and (reset or ack_first[s] < 0):
             return
     k = syn_row[1]  # detectors.handshake_rows: the SYN, the SYN-ACK, the client's ACK of it
-    est = _ack_of_synack(k, hi, d, flags, seq, ack)
-    if est < 0:
+    est = -1 if mid else _ack_of_synack(k, hi, d, flags, seq, ack)
+    if not mid and est < 0:
         return
     local0, local1 = LOCAL[v, 0], LOCAL[v, 1]
     for s in range(2):  # detectors._ipid_gap: FIN copies lost before the capture point
@@ -333,6 +337,8 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
             (ts[k], 1, 1, RECV_SYN, K_SYN_ACK, 0),
             (ts[k] if local0 else ts[est], 1 if local0 else 0, 0, RECV_SYNACK, K_ESTABLISHED, 0),
             (ts[est], 1, 1, RECV_ACK_OF_SYN, K_ESTABLISHED, 0)):
+        if mid:  # no handshake (its rows are -1 there: read above, never used)
+            break
         in_t[m] = t
         in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = order, s, event, kind, detail
         m += 1
@@ -377,11 +383,14 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
                 in_i[m + 1, 0], in_i[m + 1, 1], in_i[m + 1, 2], in_i[m + 1, 3], in_i[m + 1, 4] = (
                     3, 1 - s, RECV_RST, K_STATE, D_CLIENT_RST + s)
                 m += 2
-    # the automaton: the client starts CLOSED, the server LISTEN at the first packet
-    times[1, 0] = ts[lo]
-    states[1, 0] = LISTEN
-    ints[I_STATE1] = LISTEN
-    ints[I_NHIST1] = 1
+    # the automaton: the client starts CLOSED, the server LISTEN at the first packet; both
+    # ESTABLISHED there if the capture began mid-connection
+    for s in range(2):
+        if s == 1 or mid:
+            times[s, 0] = ts[lo]
+            states[s, 0] = ints[I_STATE0 + s] = ESTABLISHED if mid else LISTEN
+            ints[I_NHIST0 + s] = 1
+    ints[I_HANDSHAKE] = 2 if mid else 0
     if not _run(moves, in_t, in_i, m, ints, times, states, ev_t, ev_i):
         return
     # detectors.time_wait
