@@ -242,7 +242,7 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
     if syn and not synack:
         return
     mid = not syn  # the capture began mid-connection: no handshake to replay
-    # teardown.collect, giving up at anything but a clean close, no FIN, or a reset without FIN
+    # teardown.collect, giving up at anything but clean FINs (one or two), or no FIN (open, reset)
     nsyn = np.zeros(2, np.int64)
     syn_row = np.full(2, -1, np.int64)
     fin_row = np.full(2, -1, np.int64)
@@ -332,16 +332,15 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
     in_t = np.empty(10, np.float64)
     in_i = np.empty((10, 5), np.int64)
     m = 0
-    for t, order, s, event, kind, detail in (
-            (ts[syn_row[0]], 1, 0, SEND_SYN, K_SYN, 0),
-            (ts[k], 1, 1, RECV_SYN, K_SYN_ACK, 0),
-            (ts[k] if local0 else ts[est], 1 if local0 else 0, 0, RECV_SYNACK, K_ESTABLISHED, 0),
-            (ts[est], 1, 1, RECV_ACK_OF_SYN, K_ESTABLISHED, 0)):
-        if mid:  # no handshake (its rows are -1 there: read above, never used)
-            break
-        in_t[m] = t
-        in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = order, s, event, kind, detail
-        m += 1
+    if not mid:  # the handshake
+        for t, order, s, event, kind, detail in (
+                (ts[syn_row[0]], 1, 0, SEND_SYN, K_SYN, 0),
+                (ts[k], 1, 1, RECV_SYN, K_SYN_ACK, 0),
+                (ts[k] if local0 else ts[est], 1 if local0 else 0, 0, RECV_SYNACK, K_ESTABLISHED, 0),
+                (ts[est], 1, 1, RECV_ACK_OF_SYN, K_ESTABLISHED, 0)):
+            in_t[m] = t
+            in_i[m, 0], in_i[m, 1], in_i[m, 2], in_i[m, 3], in_i[m, 4] = order, s, event, kind, detail
+            m += 1
     for s in range(2):
         if fin_row[s] < 0:
             continue
