@@ -1,7 +1,8 @@
 """teardown.reconstruct compiled with numba, for the connections it can vouch for.
 
 Most connections of a big capture close cleanly (one SYN, one SYN-ACK, the ACK, one FIN from
-each side, each acknowledged; no RST, keepalive, retransmitted FIN or data after a FIN), are
+each side, each acknowledged; no RST, retransmitted FIN or data after a FIN; keepalives
+answered or not, but no RST after them), are
 half-closed (one such FIN: the peer in CLOSE_WAIT), still open at the capture's end or reset
 (no FIN at all), or are attempts refused or left unanswered (`_attempt`); the same without a
 handshake when the capture began mid-connection. For those the kernel runs
@@ -39,8 +40,9 @@ for (_state, _input), _new in tcpstate.TRANSITIONS.items():
         TRANSITIONS[STATES.index(_state), INPUTS.index(_input)] = STATES.index(_new)
 LISTEN, ESTABLISHED, TIME_WAIT, CLOSE_WAIT, FIN_WAIT_2 = (STATES.index(s) for s in (
     "LISTEN", "ESTABLISHED", "TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT_2"))
-KINDS = ["SYN", "SYN_ACK", "ESTABLISHED", "FIN", "STATE", "ACK_OF_FIN", "RST"]
-K_SYN, K_SYN_ACK, K_ESTABLISHED, K_FIN, K_STATE, K_ACK_OF_FIN, K_RST = range(len(KINDS))
+KINDS = ["SYN", "SYN_ACK", "ESTABLISHED", "FIN", "STATE", "ACK_OF_FIN", "RST", "KEEPALIVE", "KEEPALIVE_ACK"]
+K_SYN, K_SYN_ACK, K_ESTABLISHED, K_FIN, K_STATE, K_ACK_OF_FIN, K_RST, K_KEEPALIVE, K_KEEPALIVE_ACK = range(
+    len(KINDS))
 RST_KINDS = [None, "refused", "other", "reply_to_closed", "abort"]  # detectors.rst_kind
 R_REFUSED, R_OTHER, R_REPLY_TO_CLOSED, R_ABORT = range(1, 5)
 DETAILS = ["", "with data", "received client FIN", "received server FIN",
@@ -48,7 +50,9 @@ DETAILS = ["", "with data", "received client FIN", "received server FIN",
            "client RST received", "server RST received", *RST_KINDS[1:]]
 D_CLIENT_RST, D_SERVER_RST = 7, 8
 D_RST = DETAILS.index("refused") - 1  # + an RST_KINDS code
-D_ACK, D_RETRANSMISSION = len(DETAILS), len(DETAILS) + 1  # "ack <value>", "retransmission <value>"
+# texts with a value: "ack <value>", "retransmission <value>", a keepalive's (value: seq * 2 + length)
+VALUED = ["ack {}", "retransmission {}", "seq {}, {} bytes"]
+D_ACK, D_RETRANSMISSION, D_KEEPALIVE = range(len(DETAILS), len(DETAILS) + len(VALUED))
 VANTAGES = ["client", "server", "middle", "both", "unknown"]
 UNDECIDED = len(VANTAGES)  # the same hosts' votes decide
 LOCAL = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]], dtype=np.bool_)  # vt.local_sides
@@ -57,14 +61,15 @@ CLOSE_TYPES = ["three_way", "four_way", "simultaneous", "open", "refused", "unan
                "half_closed"]
 HANDSHAKES = ["complete", "partial", "none"]
 WHO = ["client", "server", "both", "none"]
-MAX_EVENTS = 16  # a clean close makes at most 14: 4 handshake, 3 per FIN, 2 TIME_WAIT ends
+MAX_EVENTS = 64  # a clean close makes at most 14 (4 handshake, 3 per FIN, 2 TIME_WAIT ends); keepalives
 MAX_HISTORY = 8  # states per endpoint; a connection that needs more goes to Python
 # per-connection floats (NaN: None)
 (N_FIN_TS0, N_FIN_TS1, N_TW_START, N_TW_END, N_CLOSE_WAIT0, N_CLOSE_WAIT1, N_FIN_WAIT2_0,
  N_FIN_WAIT2_1, N_TEARDOWN, N_LAST_DATA) = range(10)
 # per-connection integers
 (I_OK, I_CLOSE, I_ACTIVE, I_TW_SIDE, I_BYTES0, I_BYTES1, I_NEVENTS, I_STATE0, I_STATE1,
- I_NHIST0, I_NHIST1, I_HANDSHAKE, I_RST_BY, I_RST_KIND) = range(14)
+ I_NHIST0, I_NHIST1, I_HANDSHAKE, I_RST_BY, I_RST_KIND, I_KEEPALIVES0, I_KEEPALIVES1,
+ I_UNANSWERED) = range(17)
 # per-event fields (ev_i; the time is ev_t)
 E_SIDE, E_KIND, E_FROM, E_TO, E_DETAIL, E_VALUE = range(6)
 
@@ -257,6 +262,9 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
     ttl_first = np.full(2, -1, np.int64)  # TTL of each side's first segment other than an RST
     ttl_count = np.zeros(2, np.int64)
     ttl_same = np.ones(2, np.bool_)  # ... and whether all its others had it too
+    ka_last = np.full(2, -1, np.int64)  # each side's last keepalive, and last answer to the peer's
+    kack_last = np.full(2, -1, np.int64)
+    marks = np.zeros(0, np.int8)  # per row: 1 a keepalive, 2 an answer to one (made when needed)
     last_data0 = -1
     for i in range(lo, hi):
         s = d[i]
@@ -280,7 +288,15 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         if (not fl & (SYN | FIN | RST) and n <= 1 and snd_end[s] >= 0
                 and (seq[i] + 1) % MOD == snd_end[s] and last_win[p] != 0
                 and (n == 0 or ts[i] - ts[max(i - 1, lo)] > 1.0)):
-            return  # a keepalive
+            if not len(marks):  # seq = snd.una - 1: RFC 9293 3.8.4, Linux tcp_write_wakeup
+                marks = np.zeros(hi - lo, np.int8)
+            marks[i - lo] = 1
+            ints[I_KEEPALIVES0 + s] += 1
+            ka_last[s] = i
+        elif (ka_last[p] >= 0 and not fl & (SYN | FIN | RST) and n == 0 and snd_end[p] >= 0
+              and ack[i] == snd_end[p] and kack_last[s] < ka_last[p]):
+            marks[i - lo] = 2
+            kack_last[s] = i
         if fl & FIN:
             if fin_row[s] >= 0:
                 return  # a retransmitted FIN
@@ -367,6 +383,8 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
     if reset:  # detectors.rst_kind of the first RST, then each side's first RST sent and received
         r = rst_first[0] if rst_first[1] < 0 or 0 <= rst_first[0] < rst_first[1] else rst_first[1]
         s = d[r]
+        if 0 <= ka_last[s] < r and kack_last[1 - s] < ka_last[s]:
+            return  # keepalive_timeout: in Python
         if ttl_count[s] >= 2 and ttl_same[s] and abs(ttl[r] - ttl_first[s]) > 1:
             kind = R_OTHER
         elif not flags[r] & ACK:
@@ -424,6 +442,18 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
         i = ack_first[s]
         st = _state_at(ints, times, states, 1 - s, ts[i])
         _event(ints, ev_t, ev_i, ts[i], 1 - s, K_ACK_OF_FIN, st, st, D_ACK, ack[i])
+    for s in range(2 if len(marks) else 0):  # detectors.keepalive_events, and _unanswered
+        for mark in (1, 2):
+            for i in range(lo, hi):
+                if d[i] == s and marks[i - lo] == mark:
+                    if ints[I_NEVENTS] == ev_t.shape[0]:
+                        return
+                    st = _state_at(ints, times, states, s, ts[i])
+                    if mark == 1:
+                        _event(ints, ev_t, ev_i, ts[i], s, K_KEEPALIVE, st, st, D_KEEPALIVE, seq[i] * 2 + plen[i])
+                        ints[I_UNANSWERED] += i > kack_last[1 - s]
+                    else:
+                        _event(ints, ev_t, ev_i, ts[i], s, K_KEEPALIVE_ACK, st, st, 0, 0)
     _sort_events(ints, ev_t, ev_i)
     # detectors.connection_fields
     if reset:
@@ -491,7 +521,7 @@ def _clear(ints, times, states, num):
     num[:] = np.nan
 
 
-CHUNK = 1 << 15  # connections per kernel call, its buffers reused: ~40 MB
+CHUNK = 1 << 13  # connections per kernel call, its buffers reused: ~35 MB
 
 
 def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
@@ -508,7 +538,7 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     times = np.zeros((size, 2, MAX_HISTORY))
     states = np.zeros((size, 2, MAX_HISTORY), dtype=np.int64)
     num = np.empty((size, 10))
-    ints = np.empty((size, 14), dtype=np.int64)
+    ints = np.empty((size, I_UNANSWERED + 1), dtype=np.int64)
     out = []
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
@@ -577,8 +607,9 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
         "time_wait_restarts": zero, "half_close_bytes": zero,
         "close_wait_s": longest(x[N_CLOSE_WAIT0], x[N_CLOSE_WAIT1]),
         "fin_wait2_s": longest(x[N_FIN_WAIT2_0], x[N_FIN_WAIT2_1]),
-        "fin_wait2_timeout": false, "client_keepalives": zero, "server_keepalives": zero,
-        "unanswered_keepalives": zero, "teardown_s": rounded(x[N_TEARDOWN]),
+        "fin_wait2_timeout": false, "client_keepalives": i[I_KEEPALIVES0],
+        "server_keepalives": i[I_KEEPALIVES1], "unanswered_keepalives": i[I_UNANSWERED],
+        "teardown_s": rounded(x[N_TEARDOWN]),
         "packets": flows.ends[ok] - flows.starts[ok],
         "client_bytes": i[I_BYTES0], "server_bytes": i[I_BYTES1],
         "client_last_data_ts": floats(x[N_LAST_DATA]),
@@ -586,12 +617,13 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     }
     c = ev_i[:, E_DETAIL]  # the texts with a value ("ack 1234") made once each
     detail, distinct = pd.factorize(np.where(c >= D_ACK, (c << 33) | ev_i[:, E_VALUE], c))
-    text = DETAILS + ["ack {}", "retransmission {}"]
+    text = DETAILS + VALUED
     names = STATES + [""]  # code -1: no state
     events = {"conn_id": np.repeat(cid, i[I_NEVENTS]), "ts": ev_t,
               "side": texts(["client", "server"], ev_i[:, E_SIDE]), "kind": texts(KINDS, ev_i[:, E_KIND]),
               "state_from": texts(names, ev_i[:, E_FROM]), "state_to": texts(names, ev_i[:, E_TO]),
-              "detail": texts([text[k >> 33].format(k & (1 << 33) - 1) if k >= D_ACK else text[k]
+              "detail": texts([text[k] if k < D_ACK else text[k >> 33].format(
+                                  *(divmod(k & (1 << 33) - 1, 2) if k >> 33 == D_KEEPALIVE else (k & (1 << 33) - 1,)))
                                for k in distinct.tolist()], detail)}
     return table, events, Histories(cid, i[[I_STATE0, I_STATE1]].T, i[[I_NHIST0, I_NHIST1]].T, times, states)
 
