@@ -1193,6 +1193,16 @@ def keepalive_dead_peer(run: Run) -> list[dict]:
 
 
 @scenario(
+    "Client keepalive (idle 1 s, interval 1 s, 3 probes) on an idle connection: three probes, "
+    "each answered, then the client closes; the server closes back at once."
+)
+def keepalive_idle(run: Run) -> list[dict]:
+    run.server(*EXCHANGE_S, "recv_eof", "close")
+    run.client(run.connect(), *EXCHANGE_C, "keepalive 1 1 3", "sleep 3.5", "close", "sleep 0.3")
+    return [conn(close_type="three_way", client_state_end="TIME_WAIT", client_keepalives=3)]
+
+
+@scenario(
     "kill -9 of the server process holding two connections: its kernel sends FIN on the "
     "idle one and RST on the one with unread data."
 )
