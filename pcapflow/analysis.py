@@ -273,8 +273,9 @@ def _json_cells(col: pd.Series) -> tuple[np.ndarray, list[str]]:
             texts[k] = "null" if math.isnan(floats[k]) else _json_float(float(floats[k]))
         return codes, texts
     codes, uniques = pd.factorize(values)
-    uniques = uniques.tolist()
-    return codes, list(map(_JSON_SCALARS.get(type(uniques[0]), _dump) if uniques else _dump, uniques))
+    uniques = uniques.tolist()  # one Python type throughout (int or bool)
+    encode = _JSON_SCALARS.get(type(uniques[0]), _dump) if uniques else _dump
+    return codes, list(map(encode, uniques))
 
 
 def _json_float(v: float) -> str:
@@ -462,8 +463,7 @@ def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Pa
     ids = list(flows)
     at = conns.set_index("conn_id").loc[ids]
     client_ip, server_ip = at["client_ip"].to_numpy(), at["server_ip"].to_numpy()
-    codes, ips = pd.factorize(client_ip)  # vt.is_loopback, asked once per client address
-    loopback = (client_ip == server_ip) | np.array([vt.is_loopback(ip, "") for ip in ips], dtype=np.bool_)[codes]
+    loopback = np.fromiter(map(vt.is_loopback, client_ip, server_ip), np.bool_, len(ids))  # cached per pair
     vantage = ft.vantages(flows.cols, flows.starts, flows.ends, client_ip, server_ip, loopback)
     done = ft.clean_connections(flows, ids, vantage, capture_end, params.msl)
     left = np.flatnonzero(~np.isin(ids, done[0]["conn_id"]))

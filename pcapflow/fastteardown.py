@@ -644,11 +644,13 @@ class Histories(Mapping):
             k = int(np.searchsorted(self._ids, cid))
             if k == len(self._ids) or self._ids[k] != cid:
                 raise KeyError(cid)
-            made = self._made[cid] = tuple(
-                Endpoint(STATES[self._state[k, s]], self._times[lo:hi].tolist(),
-                         [STATES[c] for c in self._states[lo:hi].tolist()])
-                for s, lo, hi in ((s, self._at[2 * k + s], self._at[2 * k + s + 1]) for s in (0, 1)))
+            made = self._made[cid] = (self._endpoint(k, 0), self._endpoint(k, 1))
         return made
+
+    def _endpoint(self, k: int, s: int) -> Endpoint:
+        lo, hi = self._at[2 * k + s], self._at[2 * k + s + 1]
+        return Endpoint(STATES[self._state[k, s]], self._times[lo:hi].tolist(),
+                        [STATES[c] for c in self._states[lo:hi].tolist()])
 
     def __iter__(self):
         return iter(self._ids.tolist())

@@ -19,18 +19,12 @@ FIELDS = ["http_requests", "http_responses", "http_request_close", "http_respons
 def http_fields(f) -> dict:
     """Requests and responses seen, `Connection: close` asked by either side, HTTP/1.0
     without keep-alive, and whether the snaplen cut a header (then causes are unknown)."""
-    out = {"http_requests": 0, "http_responses": 0, "http_request_close": False,
-           "http_response_close": False, "http10": False, "http_cut": False}
+    out = {name: 0 if k < 2 else False for k, name in enumerate(FIELDS)}  # two counts, then flags
     for d, text, plen in zip(f.d, f.http, f.plen):
         if not isinstance(text, str):  # no HTTP start in this payload
             continue
-        request, response, request_close, response_close, http10, cut = message(d, text, min(plen, HEAD_BYTES))
-        out["http_requests"] += request
-        out["http_responses"] += response
-        out["http_request_close"] |= request_close
-        out["http_response_close"] |= response_close
-        out["http10"] |= http10
-        out["http_cut"] |= cut
+        for k, (name, value) in enumerate(zip(FIELDS, message(d, text, min(plen, HEAD_BYTES)))):
+            out[name] = out[name] + value if k < 2 else out[name] | value
     return out
 
 
