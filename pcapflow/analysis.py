@@ -238,44 +238,57 @@ def _json_rows(df: pd.DataFrame, rows: int = 1 << 14):
     column's distinct values encoded once, the rows joined from their texts, by fastjson
     (ASCII bytes in a numpy array) when numba is there and the table is big, else in Python."""
     keys = [("{" if k == 0 else ",") + _dump(c) + ":" for k, c in enumerate(df.columns)]
-    if use_compiled(len(df) >= COMPILED_MIN_SEGMENTS):
+    compiled = use_compiled(len(df) >= COMPILED_MIN_SEGMENTS)
+    if compiled:
         from .fastjson import join_rows
     else:
         template = "".join(key.replace("%", "%%") + "%s" for key in keys) + "}"
 
         def join_rows(columns, keys):
             return ",".join(map(template.__mod__, zip(*(
-                map(texts.__getitem__, codes.tolist()) for codes, texts in columns))))
+                map(texts.__getitem__, codes.tolist()) for codes, texts, _ in columns))))
     for start in range(0, len(df), rows):
         part = df.iloc[start:start + rows]
-        yield join_rows([_json_cells(part[c]) for c in df.columns], keys)
+        yield join_rows([_json_cells(part[c], compiled) for c in df.columns], keys)
 
 
-def _json_cells(col: pd.Series) -> tuple[np.ndarray, list[str]]:
+def _json_cells(col: pd.Series, compiled: bool = False) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """A column as codes into the JSON texts of its distinct values; code -1 is the last
-    text, "null" where a column can hold missing values."""
+    text, "null" where a column can hold missing values. `compiled`: floats fastjson writes
+    itself get the code fastjson.FORMATTED, and the column's values come back third."""
     if isinstance(col.dtype, pd.StringDtype):  # few distinct texts: sides, kinds, states
         codes, texts = pd.factorize(col)
-        return codes, [encode_basestring_ascii(t) for t in texts] + ["null"]
+        return codes, [encode_basestring_ascii(t) for t in texts] + ["null"], None
     if col.dtype == object:  # None, lists, mixed types: each distinct object encoded once
         present = col.notna().to_numpy()
         values = col.to_numpy()[present]
         codes = np.full(len(col), -1, dtype=np.int64)
         codes[present] = pd.factorize(np.fromiter(map(id, values), np.uint64, len(values)))[0]
         first = np.unique(codes[present], return_index=True)[1]
-        return codes, [*(_JSON_SCALARS.get(type(v), _dump)(v) for v in values[first].tolist()), "null"]
+        return codes, [*(_JSON_SCALARS.get(type(v), _dump)(v) for v in values[first].tolist()), "null"], None
     values = col.to_numpy()
-    if values.dtype.kind == "f":  # bit for bit (-0.0 is not 0.0); NaN is null
-        codes, bits = pd.factorize(values.view(np.int64))
-        floats = bits.view(np.float64)
-        texts = list(map(float.__repr__, floats.tolist()))
-        for k in np.flatnonzero(~np.isfinite(floats)).tolist():  # NaN: null; inf: refused
-            texts[k] = "null" if math.isnan(floats[k]) else _json_float(float(floats[k]))
-        return codes, texts
+    if values.dtype.kind == "f":
+        if not compiled:
+            return (*_float_cells(values), None)
+        from .fastjson import FORMATTED, formatted
+        done = formatted(values)
+        codes = np.full(len(values), FORMATTED, dtype=np.int64)
+        codes[~done], texts = _float_cells(values[~done])
+        return codes, texts, values
     codes, uniques = pd.factorize(values)
     uniques = uniques.tolist()  # one Python type throughout (int or bool)
     encode = _JSON_SCALARS.get(type(uniques[0]), _dump) if uniques else _dump
-    return codes, list(map(encode, uniques))
+    return codes, list(map(encode, uniques)), None
+
+
+def _float_cells(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """_json_cells of floats: bit for bit (-0.0 is not 0.0); NaN is null."""
+    codes, bits = pd.factorize(values.view(np.int64))
+    floats = bits.view(np.float64)
+    texts = list(map(float.__repr__, floats.tolist()))
+    for k in np.flatnonzero(~np.isfinite(floats)).tolist():  # NaN: null; inf: refused
+        texts[k] = "null" if math.isnan(floats[k]) else _json_float(float(floats[k]))
+    return codes, texts
 
 
 def _json_float(v: float) -> str:

@@ -251,3 +251,29 @@ def test_compiled_incarnations_equal_reference(four_tuples):
             col += values
     got = split_incarnations(np.array(bounds), *(np.array(c, dtype=np.int64) for c in cols))
     assert got.tolist() == expected
+
+
+def test_floats_the_json_kernel_writes_are_pythons_repr(monkeypatch):
+    """fastjson writes whole-microsecond floats itself; each must be exactly what repr writes
+    (json.dumps' text), the others encoded by Python: timestamps, durations, the edges of
+    the proof (1e-4, 2**33), nanosecond times, and doubles of every magnitude."""
+    from pcapflow.analysis import _json_rows
+    from pcapflow.fastjson import formatted
+    rng = np.random.default_rng(3)
+    us = 10**6
+    values = np.concatenate([
+        rng.integers(1_600_000_000 * us, 1_800_000_000 * us, 100_000) / 1e6,  # capture times
+        rng.integers(-2**40, 2**40, 50_000) / 1e6,                            # durations
+        rng.integers(2**33 * us - us, 2**33 * us + us, 20_000) / 1e6,         # around 2**33
+        rng.integers(-1000, 1000, 10_000) / 1e6,                              # around 1e-4
+        rng.integers(1_600_000_000 * 10**9, 1_800_000_000 * 10**9, 50_000) / 1e9,
+        rng.standard_normal(20_000) * 10.0 ** rng.integers(-12, 20, 20_000),
+        [0.0, -0.0, 1.0, -1.0, 1e-4, 0.5e-4, 2.0**33, -2.0**33, np.nan, 123456.0, 0.1, 9.999999]])
+    done = formatted(values)
+    assert 0.5 < done.mean() < 0.9  # both the kernel's path and Python's are exercised
+    monkeypatch.setenv("PCAPFLOW_FAST", "1")
+    got = b",".join(part.tobytes() for part in _json_rows(pd.DataFrame({"x": values}), rows=50_000))
+    got = [cell.removeprefix('{"x":').removesuffix("}") for cell in got.decode("ascii").split(",")]
+    expected = ["null" if np.isnan(v) else repr(v) for v in values.tolist()]
+    wrong = [(k, g, e) for k, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert len(got) == len(expected) and not wrong, wrong[:5]
