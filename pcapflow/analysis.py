@@ -395,7 +395,7 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
     ev = pd.DataFrame(_joined(fast_events, events))
     del events, fast_events  # the frame holds their values
-    ev = ev.sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
+    ev = ev.take(np.lexsort((ev["conn_id"].to_numpy(), ev["ts"].to_numpy()))).reset_index(drop=True)
     return Analysis(seg, captures, table, ev, params, endpoints)
 
 
