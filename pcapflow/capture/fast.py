@@ -269,6 +269,18 @@ def _scan(b, pos, stop, pcapng, little, lt, ticks, snaplen, if_lt, if_ticks, if_
     return r, pos, FULL
 
 
+@numba.njit(cache=True)
+def _gather(b, at, end):
+    """b[at[k]:end[k]] for every k, one after the other, and the offset of each in them."""
+    off = np.zeros(len(at) + 1, np.int64)
+    for k in range(len(at)):
+        off[k + 1] = off[k] + end[k] - at[k]
+    out = np.empty(off[-1], np.uint8)
+    for k in range(len(at)):
+        out[off[k]:off[k + 1]] = b[at[k]:end[k]]
+    return out, off
+
+
 class _Prefixed(io.RawIOBase):
     """buf[start:], then the rest of the stream: for handing one block back to the reference
     framer. `start` moves on as it is read; `drained` once it reads past the buffer."""
@@ -329,7 +341,7 @@ def read_fast(stream: BinaryIO, index: int, info: CaptureInfo, finish: Callable[
     """Read one capture like capture._read_one, decoding in bulk where the fast path can."""
     framer = framer_for(stream, info, LINK_LAYERS)
     out = np.zeros((len(FIELDS), ROWS), dtype=np.int64)
-    state = {"frame": 0, "done": 0}
+    state = {"frame": 0, "done": 0, "heads": {}}  # heads: one str per distinct HTTP head
     ref = ReferenceChunk(index)
 
     def flush_ref() -> None:
@@ -421,16 +433,19 @@ def _chunk(buf: np.ndarray, o: np.ndarray, index: int, state: dict) -> Chunk:
     for name in ("ipver", "sport", "dport", "seq", "ack", "flags", "win", "plen", "ipid", "ttl",
                  "mss", "wscale", "sackok", "nsack", "dsack", "tsval", "tsecr"):
         cols[name] = o[F[name]]
-    cols["src"] = _addresses(o[F["ipver"]], o[F["src_hi"]], o[F["src_lo"]], ok)
-    cols["dst"] = _addresses(o[F["ipver"]], o[F["dst_hi"]], o[F["dst_lo"]], ok)
+    cols["src"], cols["dst"], addresses = _addresses(
+        o[F["ipver"]], *(o[F[k]] for k in ("src_hi", "src_lo", "dst_hi", "dst_lo")), ok)
     cols["sack"] = np.full(n, None, dtype=object)
     for r in np.flatnonzero(ok & (o[F["nsack"]] > 0)).tolist():
         v = o[F["s0"]:F["s0"] + 2 * o[F["nsack"], r], r].tolist()
         cols["sack"][r] = tuple(zip(v[::2], v[1::2]))
     cols["http"] = np.full(n, None, dtype=object)
+    rows = np.flatnonzero(ok & (o[F["http_end"]] > 0))
+    if len(rows):  # the heads copied out by the kernel, decoded at once, each text kept once
+        data, off = _gather(buf, o[F["http_at"], rows], o[F["http_end"], rows])
+        text, off, heads = data.tobytes().decode("latin-1"), off.tolist(), state["heads"]
+        cols["http"][rows] = [heads.setdefault(h, h) for h in map(text.__getitem__, map(slice, off, off[1:]))]
     raw = memoryview(buf)
-    for r in np.flatnonzero(ok & (o[F["http_end"]] > 0)).tolist():
-        cols["http"][r] = bytes(raw[o[F["http_at"], r]:o[F["http_end"], r]]).decode("latin-1")
     every = not fallback.any()  # most chunks: one copy of each column, out of the kernel's buffer
     segments = {name: (cols[name] if every else cols[name][ok]).astype(dtype)
                 for name, dtype in SEGMENT_COLUMNS.items()}
@@ -445,7 +460,8 @@ def _chunk(buf: np.ndarray, o: np.ndarray, index: int, state: dict) -> Chunk:
         extra = ref.chunk()
         code[slow] = extra.code
         segments = _in_frame_order(segments, extra.segments)
-    return Chunk(ts, code, segments)
+        addresses = None
+    return Chunk(ts, code, segments, addresses)
 
 
 def _in_frame_order(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -463,15 +479,19 @@ def _seconds(raw: np.ndarray, ticks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _addresses(ver: np.ndarray, hi: np.ndarray, lo: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Addresses as text, converting each distinct one once."""
-    out = np.full(len(ver), None, dtype=object)
-    if not ok.any():
-        return out
-    codes, uniq = factorize_rows(ver[ok], hi[ok], lo[ok])
-    text = np.array([_text(*row) for row in zip(*(u.tolist() for u in uniq))], dtype=object)
-    out[ok] = text[codes]
-    return out
+def _addresses(ver: np.ndarray, src_hi: np.ndarray, src_lo: np.ndarray, dst_hi: np.ndarray,
+               dst_lo: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Source and destination addresses as text (None where not ok), each distinct one
+    converted once; and the rows ok's addresses as Chunk.addresses has them."""
+    out, codes, texts = [], [], []
+    for hi, lo in ((src_hi, src_lo), (dst_hi, dst_lo)):  # two small hash tables beat one big
+        c, uniq = factorize_rows(ver[ok], hi[ok], lo[ok])
+        text = np.array([_text(*row) for row in zip(*(u.tolist() for u in uniq))], dtype=object)
+        out.append(np.full(len(ver), None, dtype=object))
+        out[-1][ok] = text[c]
+        codes.append(c + sum(map(len, texts)))
+        texts.append(text)
+    return out[0], out[1], (np.concatenate(codes), np.concatenate(texts))
 
 
 def _text(ver: int, hi: int, lo: int) -> str:
