@@ -66,9 +66,9 @@ def read_captures(sources: Source | Iterable[Source],
     environment decide: PCAPFLOW_FAST=0 never, =1 always, unset for inputs of at least
     FAST_MIN_BYTES, in each case only when numba is installed.
     """
-    parts: list[dict[str, np.ndarray]] = []
-    infos = read_chunks(sources, parts.append, progress, limits, fast)
-    return _to_frame(parts), infos
+    table = _Table()
+    infos = read_chunks(sources, table.add, progress, limits, fast)
+    return table.frame(), infos
 
 
 def read_chunks(sources: Source | Iterable[Source],
@@ -288,23 +288,36 @@ def _position(stream, done: int) -> tuple[int, int]:
     return now, max(now - done, 0)
 
 
-def _to_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    """The segment table, in time order (stable: frames of one instant stay in reading order).
+class _Table:
+    """The segment columns, grown in place as chunks come (realloc moves pages rather than
+    copying them, and leaves no per-chunk arrays behind to fragment the heap)."""
 
-    Built a column at a time, each chunk's copy freed as its column is made, so the peak
-    stays near one table's size.
-    """
-    ts = np.concatenate([p["ts"] for p in parts]) if parts else np.empty(0)
-    moved = order = None
-    if not (ts[1:] >= ts[:-1]).all():  # most captures are in time order, or nearly
-        order = np.argsort(ts, kind="stable")
-        moved = np.flatnonzero(order != np.arange(len(order)))  # short.pcap: 1,634 of 2M rows
-        order = order[moved]
-    cols = {}
-    for name, dtype in SEGMENT_COLUMNS.items():
-        col = np.concatenate([p.pop(name) for p in parts]) if parts else np.empty(0, dtype)
-        if moved is not None:
-            col[moved] = col[order]  # the right side is gathered first: a permutation in place
+    def __init__(self) -> None:
+        self.n = 0
+        self.cols = {name: np.empty(0, dtype) for name, dtype in SEGMENT_COLUMNS.items()}
+
+    def add(self, seg: dict[str, np.ndarray]) -> None:
+        end = self.n + len(seg["ts"])
+        if end > len(self.cols["ts"]):
+            size = max(end, len(self.cols["ts"]) * 3 // 2, 1 << 16)
+            for col in self.cols.values():
+                col.resize(size, refcheck=False)  # no views of it are held
+        for name, col in self.cols.items():
+            col[self.n:end] = seg[name]
+        self.n = end
+
+    def frame(self) -> pd.DataFrame:
+        """The segment table, in time order (stable: frames of one instant stay in reading order)."""
+        for col in self.cols.values():
+            col.resize(self.n, refcheck=False)
+        ts = self.cols["ts"]
+        if not (ts[1:] >= ts[:-1]).all():  # most captures are in time order, or nearly
+            order = np.argsort(ts, kind="stable")
+            moved = np.flatnonzero(order != np.arange(len(order)))  # short.pcap: 1,634 of 2M rows
+            order = order[moved]
+            for col in self.cols.values():
+                col[moved] = col[order]  # the right side is gathered first: a permutation in place
         # object columns stay Python objects: the analysis reads them back as such
-        cols[name] = pd.Series(col, dtype=object) if dtype == "object" else col
-    return pd.DataFrame(cols, copy=False)  # each column as it is, not consolidated into blocks
+        cols = {name: pd.Series(col, dtype=object) if col.dtype == object else col
+                for name, col in self.cols.items()}
+        return pd.DataFrame(cols, copy=False)  # each column as it is, not consolidated into blocks
