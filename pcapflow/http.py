@@ -32,11 +32,15 @@ def http_columns(d: np.ndarray, http: np.ndarray, plen: np.ndarray,
                  starts: np.ndarray) -> dict[str, np.ndarray]:
     """http_fields of each connection k at once: its rows are starts[k]..starts[k + 1] of
     the columns (the last one's, to their end)."""
+    from .capture import factorize_rows
     rows = np.flatnonzero(pd.notna(http))  # None where a segment starts no HTTP message
     conn = np.searchsorted(starts, rows, side="right") - 1
-    found = np.array([message(a, t, min(n, HEAD_BYTES)) for a, t, n in
-                      zip(d[rows].tolist(), http[rows].tolist(), plen[rows].tolist())],
-                     dtype=np.int64).reshape(-1, len(FIELDS))
+    index: dict[str, int] = {}  # heads repeat: each distinct message read once (a dict: 10x pd.factorize)
+    texts = np.fromiter((index.setdefault(t, len(index)) for t in http[rows].tolist()), np.int64, len(rows))
+    heads = list(index)
+    codes, (side, text, room) = factorize_rows(d[rows], texts, np.minimum(plen[rows], HEAD_BYTES))
+    found = np.array([message(a, heads[t], n) for a, t, n in zip(side.tolist(), text.tolist(), room.tolist())],
+                     dtype=np.int64).reshape(-1, len(FIELDS))[codes]
     out = {}
     for k, name in enumerate(FIELDS):
         total = np.bincount(conn, weights=found[:, k], minlength=len(starts)).astype(np.int64)
