@@ -35,7 +35,9 @@ def mark_duplicates(seg: pd.DataFrame, ends: tuple[np.ndarray, np.ndarray] | Non
     if not len(rows):
         return dup
     a, b = ends if ends is not None else _endpoints(seg)
-    keys = [a[rows], b[rows]] + [seg[c].to_numpy()[rows] for c in DUP_KEY[4:]]
+    keys = [a, b] + [seg[c].to_numpy() for c in DUP_KEY[4:]]
+    if len(rows) < len(seg):  # else all of them: no copies
+        keys = [k[rows] for k in keys]
     # identical segments share a hash: sort by (hash, time), then compare neighbours exactly
     h = np.zeros(len(rows), dtype=np.uint64)
     for k in keys:
@@ -187,7 +189,6 @@ def _roles(seg: pd.DataFrame, group: np.ndarray, inc: np.ndarray, ends: tuple[np
     """One row per incarnation: who is client (the SYN's sender, else the SYN-ACK's receiver,
     else a guess from the ports), numbered in order of first packet. Also returns each
     segment's conn_id and its connection's client endpoint code (see `_endpoints`)."""
-    n = len(seg)
     codes = pd.factorize(group * (int(inc.max()) + 1) + inc)[0]  # incarnations in order of appearance
     m = int(codes.max()) + 1
     fl = seg["flags"].to_numpy() & (SYN | ACK)
@@ -198,7 +199,9 @@ def _roles(seg: pd.DataFrame, group: np.ndarray, inc: np.ndarray, ends: tuple[np
         out[k] = rows[at]
         return out
 
-    first = first_row(np.arange(n))
+    # of all rows: codes are numbered in order of appearance, so each one's first row is
+    # where the running maximum grows
+    first = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1))
     syn, synack = first_row(np.flatnonzero(fl == SYN)), first_row(np.flatnonzero(fl == SYN | ACK))
     sport, dport = seg["sport"].to_numpy(), seg["dport"].to_numpy()
     has_syn, has_sa = syn >= 0, synack >= 0
