@@ -501,16 +501,22 @@ def _one(moves, lo, hi, ts, d, flags, seq, ack, plen, win, ttl, ipid, v, capture
 
 @numba.njit(cache=True)
 def _reconstruct(moves, starts, ends, ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage, capture_end,
-                 two_msl, ev_t, ev_i, times, states, num, ints):
+                 two_msl, ev_t, ev_i, slots, times, states, num, ints):
+    """Each connection's events go right after the previous one's (`slots` of room each):
+    returns how many there are."""
+    at = 0
     for c in range(len(starts)):
+        et, ei = ev_t[at:at + slots], ev_i[at:at + slots]
         _one(moves, starts[c], ends[c], ts, d, flags, seq, ack, plen, win, ttl, ipid, vantage[c], capture_end,
-             two_msl, ev_t[c], ev_i[c], times[c], states[c], num[c], ints[c])
+             two_msl, et, ei, times[c], states[c], num[c], ints[c])
         if not ints[c, I_OK]:
             _clear(ints[c], times[c], states[c], num[c])
-            _attempt(moves, starts[c], ends[c], ts, d, flags, plen, ev_t[c], ev_i[c], times[c], states[c],
-                     num[c], ints[c])
-        if not ints[c, I_OK]:
+            _attempt(moves, starts[c], ends[c], ts, d, flags, plen, et, ei, times[c], states[c], num[c], ints[c])
+        if ints[c, I_OK]:
+            at += ints[c, I_NEVENTS]
+        else:
             ints[c, I_NEVENTS] = 0
+    return at
 
 
 @numba.njit(cache=True)
@@ -521,7 +527,7 @@ def _clear(ints, times, states, num):
     num[:] = np.nan
 
 
-CHUNK = 1 << 13  # connections per kernel call, its buffers reused: ~35 MB
+CHUNK = 1 << 13  # connections per kernel call, its event buffers reused: ~30 MB
 
 
 def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
@@ -533,31 +539,48 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     client then server, connection after connection; lengths in ints[:, I_NHIST0:I_NHIST1 + 1])."""
     n = len(starts)
     size = min(n, CHUNK)
-    ev_t = np.zeros((size, MAX_EVENTS))
-    ev_i = np.zeros((size, MAX_EVENTS, 6), dtype=np.int64)  # E_VALUE holds ack numbers: 32 bits unsigned
+    # written in place, every connection's row: fresh memory is slow to come by in a big process
+    num = np.full((n, 10), np.nan)
+    ints = np.zeros((n, I_UNANSWERED + 1), dtype=np.int64)
+    ints[:, I_RST_BY] = 3  # none
+    ev_t, ev_i = np.empty(size * MAX_EVENTS), np.empty((size * MAX_EVENTS, 6), dtype=np.int64)
     times = np.zeros((size, 2, MAX_HISTORY))
     states = np.zeros((size, 2, MAX_HISTORY), dtype=np.int64)
-    num = np.empty((size, 10))
-    ints = np.empty((size, I_UNANSWERED + 1), dtype=np.int64)
-    out = []
+    events = _Growing(np.float64, 0), _Growing(np.int64, 6)  # E_VALUE holds ack numbers: 32 bits unsigned
+    history = _Growing(np.float64, 0), _Growing(np.int64, 0)
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
-        m = hi - lo
-        num.fill(np.nan)
-        ints.fill(0)
-        ints[:, I_RST_BY] = 3  # none
-        _reconstruct(TRANSITIONS, starts[lo:hi], ends[lo:hi], cols["ts"], cols["d"], cols["flags"],
-                     cols["seq"], cols["ack"], cols["plen"], cols["win"], cols["ttl"], cols["ipid"],
-                     vantage[lo:hi], capture_end, 2 * msl, ev_t, ev_i, times, states, num, ints)
-        ok = np.flatnonzero(ints[:m, I_OK])
-        live = np.arange(MAX_EVENTS) < ints[:m, I_NEVENTS, None]  # none for connections not done
-        held = np.arange(MAX_HISTORY) < ints[ok][:, [I_NHIST0, I_NHIST1], None]
-        out.append((ok + lo, ints[ok], num[ok], ev_t[:m][live], ev_i[:m][live],
-                    times[ok][held], states[ok][held]))
-    if not out:
-        return (np.zeros(0, np.int64), ints[:0], num[:0], ev_t[:0, 0], ev_i[:0, 0], times[:0, 0, 0],
-                states[:0, 0, 0])
-    return tuple(np.concatenate(parts) for parts in zip(*out))
+        at = _reconstruct(TRANSITIONS, starts[lo:hi], ends[lo:hi], cols["ts"], cols["d"], cols["flags"],
+                          cols["seq"], cols["ack"], cols["plen"], cols["win"], cols["ttl"], cols["ipid"],
+                          vantage[lo:hi], capture_end, 2 * msl, ev_t, ev_i, MAX_EVENTS, times, states,
+                          num[lo:hi], ints[lo:hi])
+        events[0].add(ev_t[:at])
+        events[1].add(ev_i[:at])
+        ok = ints[lo:hi, I_OK].astype(bool)
+        held = np.arange(MAX_HISTORY) < ints[lo:hi][ok][:, [I_NHIST0, I_NHIST1], None]
+        history[0].add(times[:hi - lo][ok][held])
+        history[1].add(states[:hi - lo][ok][held])
+    ok = np.flatnonzero(ints[:, I_OK])
+    return (ok, ints[ok], num[ok], *(g.array() for g in events), *(g.array() for g in history))
+
+
+class _Growing:
+    """Rows appended to one array grown in place (realloc), not to a list concatenated at the end."""
+
+    def __init__(self, dtype, width: int) -> None:
+        self.shape = (width,) if width else ()
+        self.data, self.n = np.empty((0, *self.shape), dtype), 0
+
+    def add(self, rows: np.ndarray) -> None:
+        end = self.n + len(rows)
+        if end > len(self.data):
+            self.data.resize((max(end, len(self.data) * 3 // 2, 1 << 12), *self.shape), refcheck=False)
+        self.data[self.n:end] = rows
+        self.n = end
+
+    def array(self) -> np.ndarray:
+        self.data.resize((self.n, *self.shape), refcheck=False)
+        return self.data
 
 
 def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: float, msl: float):
