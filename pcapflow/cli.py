@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+from typing import NoReturn
 
 # numpy advises the kernel to back each big array with huge pages; on the benchmark machine
 # (THP "madvise") faulting them in made fresh arrays ~6x dearer to first touch, and the
@@ -252,12 +254,29 @@ def batch_cmd(paths, out_dir, jobs, scheduler, group_by, msl, fin_timeout, progr
 def main() -> None:
     try:
         cli(standalone_mode=True)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            click.echo(e.code, err=True)
+        _exit(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        _exit(130)
     except Exception as e:  # a bug: one line, exit 1; PCAPFLOW_DEBUG=1 shows the traceback
         if os.environ.get("PCAPFLOW_DEBUG"):
             raise
         click.echo(f"pcapflow: internal error: {type(e).__name__}: {clean(e)} "
                    "(set PCAPFLOW_DEBUG=1 for a traceback and please report it)", err=True)
-        sys.exit(1)
+        _exit(1)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit without tearing the interpreter down object by object: for a big analysis that
+    took 0.28 s of short.pcap's 4 s, and the OS takes the memory back at once. Every command
+    has closed its files and pools by now; what the standard streams hold is written first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head): nothing more to say
+            code = code or 1
+    os._exit(code)

@@ -48,15 +48,23 @@ class Run:
     rss_mb: float
 
 
-# `python -m pcapflow ARGS`, then this process's own peak RSS (VmHWM) into $PEAK_FILE. wait4's
-# ru_maxrss will not do: Linux carries the spawning process's peak into the child's across
-# exec, so every child of a big pytest process would look as big as pytest.
+# `python -m pcapflow ARGS`, then this process's own peak RSS (VmHWM) into $PEAK_FILE, also
+# when the CLI ends by os._exit (it skips the interpreter's teardown). wait4's ru_maxrss will
+# not do: Linux carries the spawning process's peak into the child's across exec, so every
+# child of a big pytest process would look as big as pytest.
 MEASURED_RUN = """import os, runpy
+def peak():
+    with open("/proc/self/status") as st, open(os.environ["PEAK_FILE"], "w") as out:
+        out.write(next(line.split()[1] for line in st if line.startswith("VmHWM")))
+exit_now = os._exit
+def _exit(code):
+    peak()
+    exit_now(code)
+os._exit = _exit
 try:
     runpy.run_module("pcapflow", run_name="__main__", alter_sys=True)
 finally:
-    with open("/proc/self/status") as st, open(os.environ["PEAK_FILE"], "w") as out:
-        out.write(next(line.split()[1] for line in st if line.startswith("VmHWM")))
+    peak()
 """
 
 
