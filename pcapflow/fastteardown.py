@@ -593,10 +593,6 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     cid = np.asarray(ids, dtype=np.int64)[ok]
     ts, i, x, n = flows.cols["ts"], i.T, x.T, len(ok)
 
-    def texts(vocabulary, codes):  # typed as pd.DataFrame types a list of them (all None: object)
-        out = pd.Series(np.array(vocabulary, dtype=object)).array.take(codes)
-        return out if not pd.isna(out).all() else np.full(len(codes), None, dtype=object)
-
     def floats(col):  # pd.DataFrame makes a float64 column of floats and None, but keeps all None
         return col if not np.isnan(col).all() else np.full(n, None, dtype=object)
 
@@ -616,16 +612,16 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     http = http_columns(flows.cols["d"], flows.cols["http"], flows.cols["plen"], flows.starts)
     table = {
         "conn_id": cid, "first_ts": ts[flows.starts[ok]], "last_ts": ts[flows.ends[ok] - 1],
-        "handshake": texts(HANDSHAKES, i[I_HANDSHAKE]), "vantage": texts(VANTAGES, vantage[ok]),
-        "close_type": texts(CLOSE_TYPES, i[I_CLOSE]), "active_closer": texts(WHO, i[I_ACTIVE]),
-        "client_state_end": texts(STATES, i[I_STATE0]), "server_state_end": texts(STATES, i[I_STATE1]),
+        "handshake": _texts(HANDSHAKES, i[I_HANDSHAKE]), "vantage": _texts(VANTAGES, vantage[ok]),
+        "close_type": _texts(CLOSE_TYPES, i[I_CLOSE]), "active_closer": _texts(WHO, i[I_ACTIVE]),
+        "client_state_end": _texts(STATES, i[I_STATE0]), "server_state_end": _texts(STATES, i[I_STATE1]),
         "client_fin_ts": floats(x[N_FIN_TS0]), "server_fin_ts": floats(x[N_FIN_TS1]),
         "client_fin_retransmits": zero, "server_fin_retransmits": zero,
         "client_fin_backoff": empty, "server_fin_backoff": empty,
         "fin_rto_estimate": none, "fin_backoff_exponential": none,
         "orphan_retries_estimate": none, "lost_waves": empty, "losses": empty,
-        "rst_by": texts(WHO, i[I_RST_BY]), "rst_kind": texts(RST_KINDS, i[I_RST_KIND]),
-        "time_wait_side": texts(WHO, i[I_TW_SIDE]),
+        "rst_by": _texts(WHO, i[I_RST_BY]), "rst_kind": _texts(RST_KINDS, i[I_RST_KIND]),
+        "time_wait_side": _texts(WHO, i[I_TW_SIDE]),
         "time_wait_start": floats(x[N_TW_START]), "time_wait_end": floats(x[N_TW_END]),
         "time_wait_restarts": zero, "half_close_bytes": zero,
         "close_wait_s": longest(x[N_CLOSE_WAIT0], x[N_CLOSE_WAIT1]),
@@ -643,12 +639,24 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
     text = DETAILS + VALUED
     names = STATES + [""]  # code -1: no state
     events = {"conn_id": np.repeat(cid, i[I_NEVENTS]), "ts": ev_t,
-              "side": texts(["client", "server"], ev_i[:, E_SIDE]), "kind": texts(KINDS, ev_i[:, E_KIND]),
-              "state_from": texts(names, ev_i[:, E_FROM]), "state_to": texts(names, ev_i[:, E_TO]),
-              "detail": texts([text[k] if k < D_ACK else text[k >> 33].format(
+              "side": _texts(["client", "server"], ev_i[:, E_SIDE]), "kind": _texts(KINDS, ev_i[:, E_KIND]),
+              "state_from": _texts(names, ev_i[:, E_FROM]), "state_to": _texts(names, ev_i[:, E_TO]),
+              "detail": _texts([text[k] if k < D_ACK else text[k >> 33].format(
                                   *(divmod(k & (1 << 33) - 1, 2) if k >> 33 == D_KEEPALIVE else (k & (1 << 33) - 1,)))
                                for k in distinct.tolist()], detail)}
     return table, events, Histories(cid, i[[I_STATE0, I_STATE1]].T, i[[I_NHIST0, I_NHIST1]].T, times, states)
+
+
+def _texts(vocabulary: list, codes: np.ndarray):
+    """vocabulary[codes] (-1: the last) typed as pd.DataFrame types a list of them (all None:
+    object)."""
+    strings = pd.Series(np.array(vocabulary, dtype=object)).array
+    if isinstance(strings, pd.arrays.ArrowStringArray):  # Arrow's own take: 2.5x pandas' (pandas 3)
+        import pyarrow as pa
+        out = type(strings)(pa.array(strings).take(codes % len(vocabulary)), dtype=strings.dtype)
+    else:
+        out = strings.take(codes)
+    return out if not pd.isna(out).all() else np.full(len(codes), None, dtype=object)
 
 
 class Histories(Mapping):
