@@ -395,7 +395,9 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
     ev = pd.DataFrame(_joined(fast_events, events))
     del events, fast_events  # the frame holds their values
-    ev = ev.take(np.lexsort((ev["conn_id"].to_numpy(), ev["ts"].to_numpy()))).reset_index(drop=True)
+    ts, cid = ev["ts"].to_numpy(), ev["conn_id"].to_numpy()
+    if not ((ts[1:] > ts[:-1]) | (ts[1:] == ts[:-1]) & (cid[1:] >= cid[:-1])).all():  # the kernel's alone are
+        ev = ev.take(np.lexsort((cid, ts))).reset_index(drop=True)  # by (ts, conn_id), stable
     return Analysis(seg, captures, table, ev, params, endpoints)
 
 

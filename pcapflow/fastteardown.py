@@ -634,11 +634,14 @@ def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: f
         "client_last_data_ts": floats(x[N_LAST_DATA]),
         **{name: col[ok] for name, col in http.items()},
     }
+    owner = np.repeat(cid, i[I_NEVENTS])
+    order = np.lexsort((owner, ev_t))  # the events table's order (analysis.build), on numbers
+    owner, ev_t, ev_i = owner[order], ev_t[order], ev_i[order]
     c = ev_i[:, E_DETAIL]  # the texts with a value ("ack 1234") made once each
     detail, distinct = pd.factorize(np.where(c >= D_ACK, (c << 33) | ev_i[:, E_VALUE], c))
     text = DETAILS + VALUED
     names = STATES + [""]  # code -1: no state
-    events = {"conn_id": np.repeat(cid, i[I_NEVENTS]), "ts": ev_t,
+    events = {"conn_id": owner, "ts": ev_t,
               "side": _texts(["client", "server"], ev_i[:, E_SIDE]), "kind": _texts(KINDS, ev_i[:, E_KIND]),
               "state_from": _texts(names, ev_i[:, E_FROM]), "state_to": _texts(names, ev_i[:, E_TO]),
               "detail": _texts([text[k] if k < D_ACK else text[k >> 33].format(
