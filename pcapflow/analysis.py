@@ -420,13 +420,16 @@ def _extend(columns: dict[str, list], rows: list[tuple]) -> None:
 def _zeek_table(wire: _Flows, inferred: np.ndarray, compiled: bool) -> pd.DataFrame:
     """conn_id and Zeek's conn.log columns of every connection: `compiled`, or by the reference
     replay (zeek.zeek_fields), which also does what the compiled one hands back."""
-    ids = list(wire)
+    ids = np.fromiter(wire, np.int64, len(wire))
     if compiled:
         from .fastzeek import zeek_columns
         c = wire.cols
         flipped = zeek.flipped(c["d"][wire.starts], c["flags"][wire.starts], inferred[ids])
         cols, redo = zeek_columns(wire.starts, wire.ends, flipped,
                                   *(c[k] for k in ("d", "flags", "seq", "ack", "plen", "win", "ts")))
+        if redo:  # lists, typed by pd.DataFrame once the reference's values are in them
+            cols = {k: [None if math.isnan(x) else int(x) for x in v.tolist()] if v.dtype.kind == "f"
+                    else v.tolist() for k, v in cols.items()}  # byte counts: ints, None unset (NaN)
     else:
         cols, redo = {k: [None] * len(ids) for k in zeek.COLUMNS}, range(len(ids))
     for k in redo:

@@ -348,7 +348,8 @@ def zeek_columns(starts: np.ndarray, ends: np.ndarray, flipped: np.ndarray, d: n
                  flags: np.ndarray, seq: np.ndarray, ack: np.ndarray, plen: np.ndarray,
                  win: np.ndarray, ts: np.ndarray) -> tuple[dict, list[int]]:
     """zeek.COLUMNS of each connection (rows starts[k]..ends[k] of the columns, in time
-    order), and the connections the buffers could not hold: the caller asks the reference."""
+    order), as arrays, and the connections the buffers could not hold: the caller asks the
+    reference."""
     n = len(starts)
     out = np.zeros((n, 9), dtype=np.int64)
     padded = np.zeros((n, -(-MAX_HISTORY // 8) * 8), dtype=np.uint8)  # whole 8-byte words
@@ -364,7 +365,14 @@ def zeek_columns(starts: np.ndarray, ends: np.ndarray, flipped: np.ndarray, d: n
     cols = {  # arrays the reference's values can be written into, typed by pd.DataFrame as lists
         "zeek_conn_state": states[key], "zeek_history": names[codes],
         "orig_pkts": out[:, O_OPKTS], "resp_pkts": out[:, O_RPKTS],
-        "orig_bytes": np.where(timed, o_size, None).tolist(),  # ints and None: float64 if any None
-        "resp_bytes": np.where(timed, r_size, None).tolist(),
+        "orig_bytes": _sizes(timed, o_size), "resp_bytes": _sizes(timed, r_size),
     }
     return cols, np.flatnonzero(out[:, O_OVERFLOW]).tolist()
+
+
+def _sizes(timed: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Byte counts, unset where Zeek leaves them so, typed as pd.DataFrame types a list of
+    ints and None: int64, float64 with NaN, or objects when all are None."""
+    if timed.all():
+        return size
+    return np.where(timed, size, np.nan) if timed.any() else np.full(len(size), None, dtype=object)
