@@ -56,7 +56,7 @@ def _set_state(e, s, v):
         e[s, E_STATE] = v
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _add(hist, c, s, code):
     n = c[C_HLEN]
     if n >= hist.shape[0]:
@@ -66,7 +66,7 @@ def _add(hist, c, s, code):
     c[C_HLEN] = n + 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _check(e, hist, c, s, code, kind):
     bit = 1 << kind
     if e[s, E_SEEN] & bit:
@@ -76,7 +76,7 @@ def _check(e, hist, c, s, code, kind):
     return False
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _scaled(e, hist, c, s, code, letter):
     n = e[s, E_SCN + letter] + 1
     if n == e[s, E_SCT + letter]:
@@ -85,21 +85,21 @@ def _scaled(e, hist, c, s, code, letter):
     e[s, E_SCN + letter] = n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _repeat(e, hist, c, s, code, kind, rel):
     if _check(e, hist, c, s, code, kind) and rel != e[s, E_HL + kind]:
         _add(hist, c, s, code)
     e[s, E_HL + kind] = rel
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _init_seq(e, s, seq, last):
     e[s, E_START] = seq
     e[s, E_ACK] = seq
     e[s, E_LAST] = last
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _fin_or_rst(e, s, fin, rst):
     if fin:
         _set_state(e, s, CLOSED)
@@ -108,7 +108,7 @@ def _fin_or_rst(e, s, fin, rst):
     return fin or rst
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _size(e, s):
     p = 1 - s
     if (e[s, E_PREV] == SYN_SENT and e[s, E_STATE] == RESET and e[p, E_STATE] == INACTIVE
@@ -122,7 +122,7 @@ def _size(e, s):
     return max(n, 0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _deliver(e, blk, s):
     while e[s, E_NBLK] and blk[s, 0, 0] <= e[s, E_REASSEM]:
         e[s, E_REASSEM] = max(e[s, E_REASSEM], blk[s, 0, 1])
@@ -131,7 +131,7 @@ def _deliver(e, blk, s):
         e[s, E_NBLK] -= 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _data_sent(e, blk, c, s, seq, plen):
     upper = seq + plen
     seq = max(seq, e[s, E_ACK] - e[s, E_START], e[s, E_TRIM])
@@ -151,7 +151,7 @@ def _data_sent(e, blk, c, s, seq, plen):
     _deliver(e, blk, s)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _gap(e, hist, c, s):
     for x in (s, 1 - s):
         if not (e[x, E_STATE] == ESTABLISHED
@@ -160,7 +160,7 @@ def _gap(e, hist, c, s):
     _scaled(e, hist, c, s, 71, L_G)  # 'G'
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _ack_received(e, blk, hist, c, s, seq):
     if e[s, E_FINCNT] and seq >= e[s, E_FINSEQ]:
         seq = e[s, E_FINSEQ] - 1
