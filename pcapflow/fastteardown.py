@@ -79,7 +79,7 @@ def _after(a, b):
     return 0 < (a - b) % MOD < HALF
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _handle(moves, ints, times, states, s, event, t):
     """tcpstate.Endpoint.handle: returns the old state, -1 if nothing moved (-2: no room)."""
     old = ints[I_STATE0 + s]
@@ -96,7 +96,7 @@ def _handle(moves, ints, times, states, s, event, t):
     return old
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _state_at(ints, times, states, s, t):
     """tcpstate.Endpoint.state_at as a code, -1 for None."""
     i = 0
@@ -105,7 +105,7 @@ def _state_at(ints, times, states, s, t):
     return states[s, i - 1] if i else -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _event(ints, ev_t, ev_i, t, s, kind, a, b, detail, value):
     k = ints[I_NEVENTS]
     ev_t[k] = t
@@ -118,7 +118,7 @@ def _event(ints, ev_t, ev_i, t, s, kind, a, b, detail, value):
     ints[I_NEVENTS] = k + 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _ack_of_synack(k, hi, d, flags, seq, ack):
     """The first client segment from row k on (the SYN-ACK) that acknowledges it, -1 if none:
     any pure ACK at or beyond its ISN + 1 proves it arrived (detectors.handshake_rows)."""
@@ -128,7 +128,7 @@ def _ack_of_synack(k, hi, d, flags, seq, ack):
     return -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _time_in(times, states, n, s, state, end):
     """detectors._time_in(ep, end)[state], NaN when the endpoint never was in it."""
     total = np.nan
