@@ -81,7 +81,7 @@ def _u64(b, i):
     return (_u32(b, i) << 32) | _u32(b, i + 4)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _decode(b, s, caplen, lt, o, r, prefixes, prefix_len):
     """Decode the frame b[s:s+caplen] into o[:, r]; False when the reference must do it."""
     end = s + min(caplen, DECODE_BYTES)
