@@ -14,6 +14,7 @@ from itertools import pairwise
 import numpy as np
 import pandas as pd
 
+from .capture import factorize_rows
 from .seq import ACK, FIN, MOD, SYN, after, distance
 
 EPHEMERAL = (32768, 60999)
@@ -107,13 +108,14 @@ def assign_connections(seg: pd.DataFrame, compiled: bool = False) -> tuple[pd.Da
     inc = np.zeros(n, dtype=np.int64)
     flags = seg["flags"].to_numpy()
     is_syn = (flags & (SYN | ACK)) == SYN
-    syn_keys = pd.DataFrame({"group": group[is_syn], "sender": a[is_syn],
-                             "seq": seg["seq"].to_numpy()[is_syn]}).drop_duplicates()
-    multi = syn_keys.groupby("group").size()
-    multi = multi[multi > 1].index.to_numpy()
+    # distinct (4-tuple, sending end, ISN) of the SYNs: the sender is its 4-tuple's lower end or not
+    _, (syn_group, _, _) = factorize_rows(group[is_syn], (a < b)[is_syn].astype(np.int64),
+                                          seg["seq"].to_numpy()[is_syn])
+    multi = np.flatnonzero(np.bincount(syn_group) > 1)
     if len(multi):  # only 4-tuples with more than one SYN can hold more than one incarnation
         rows = np.flatnonzero(np.isin(group, multi))
-        rows = rows[np.argsort(group[rows], kind="stable")]  # each group's rows, in time order
+        # each group's rows, in time order: the keys are distinct, so numpy's quick sort will do
+        rows = rows[np.argsort(group[rows] * len(rows) + np.arange(len(rows)))]
         bounds = np.flatnonzero(np.diff(group[rows], prepend=-1))
         cols = [v[rows] for v in (a, seg["seq"].to_numpy(), seg["ack"].to_numpy(), flags,
                                   seg["plen"].to_numpy())]
