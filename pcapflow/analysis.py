@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import tcpstate, zeek
 from . import vantage as vt
-from .capture import CaptureInfo, read_captures, use_compiled
+from .capture import CaptureInfo, factorize_pair, read_captures, use_compiled
 from .detectors import handshake_times
 from .flows import assign_connections
 from .seq import ACK, FIN, MOD, RST, SYN, after
@@ -517,10 +517,9 @@ def _with_vantages(conns: pd.DataFrame, flows: Mapping):
 def _reuse(table: pd.DataFrame, flows: _Flows, endpoints: Mapping) -> tuple[pd.DataFrame, list]:
     """4-tuple reuse inside TIME_WAIT: gap, RFC 6191 safety of the new SYN, and the old
     TIME_WAIT ended by it (Linux hands the slot to the new connection)."""
-    n = len(table)
-    ip = pd.factorize(np.concatenate([table["client_ip"].to_numpy(), table["server_ip"].to_numpy()]))[0]
-    client = (ip[:n].astype(np.int64) << 16) | table["client_port"].to_numpy()
-    server = (ip[n:].astype(np.int64) << 16) | table["server_port"].to_numpy()
+    client, server = factorize_pair(table["client_ip"].to_numpy(), table["server_ip"].to_numpy())
+    client = (client.astype(np.int64) << 16) | table["client_port"].to_numpy()
+    server = (server.astype(np.int64) << 16) | table["server_port"].to_numpy()
     lo, hi = np.minimum(client, server), np.maximum(client, server)  # whichever side is client
     order = np.lexsort((table["incarnation"].to_numpy(), hi, lo))
     same = (lo[order][1:] == lo[order][:-1]) & (hi[order][1:] == hi[order][:-1])

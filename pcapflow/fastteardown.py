@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import tcpstate, vocab
+from .capture import Growing, factorize_pair
 from .http import http_columns
 from .seq import ACK, FIN, HALF, MOD, RST, SYN
 from .tcpstate import Endpoint
@@ -546,8 +547,8 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     ev_t, ev_i = np.empty(size * MAX_EVENTS), np.empty((size * MAX_EVENTS, 6), dtype=np.int64)
     times = np.zeros((size, 2, MAX_HISTORY))
     states = np.zeros((size, 2, MAX_HISTORY), dtype=np.int64)
-    events = _Growing(np.float64, 0), _Growing(np.int64, 6)  # E_VALUE holds ack numbers: 32 bits unsigned
-    history = _Growing(np.float64, 0), _Growing(np.int64, 0)
+    events = Growing(np.float64, 0), Growing(np.int64, 6)  # E_VALUE holds ack numbers: 32 bits unsigned
+    history = Growing(np.float64, 0), Growing(np.int64, 0)
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         at = _reconstruct(TRANSITIONS, starts[lo:hi], ends[lo:hi], cols["ts"], cols["d"], cols["flags"],
@@ -562,25 +563,6 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
         history[1].add(states[:hi - lo][ok][held])
     ok = np.flatnonzero(ints[:, I_OK])
     return (ok, ints[ok], num[ok], *(g.array() for g in events), *(g.array() for g in history))
-
-
-class _Growing:
-    """Rows appended to one array grown in place (realloc), not to a list concatenated at the end."""
-
-    def __init__(self, dtype, width: int) -> None:
-        self.shape = (width,) if width else ()
-        self.data, self.n = np.empty((0, *self.shape), dtype), 0
-
-    def add(self, rows: np.ndarray) -> None:
-        end = self.n + len(rows)
-        if end > len(self.data):
-            self.data.resize((max(end, len(self.data) * 3 // 2, 1 << 12), *self.shape), refcheck=False)
-        self.data[self.n:end] = rows
-        self.n = end
-
-    def array(self) -> np.ndarray:
-        self.data.resize((self.n, *self.shape), refcheck=False)
-        return self.data
 
 
 def clean_connections(flows, ids: list[int], vantage: np.ndarray, capture_end: float, msl: float):
@@ -743,9 +725,9 @@ def vantages(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
               cols["ttl"], loopback, out)
     undecided = out == UNDECIDED
     if undecided.any():  # hosts as codes: votes counted by bincount
-        host = pd.factorize(np.concatenate([client_ip, server_ip]))[0]
-        client, server = host[:len(out)], host[len(out):]
-        votes = np.bincount(np.concatenate([client[out == 0], server[out == 1]]), minlength=host.max() + 1)
+        client, server = factorize_pair(client_ip, server_ip)
+        votes = np.bincount(np.concatenate([client[out == 0], server[out == 1]]),
+                            minlength=max(client.max(), server.max()) + 1)
         c, s = votes[client[undecided]], votes[server[undecided]]
         out[undecided] = np.where(c > s, 0, np.where(s > c, 1, VANTAGES.index("unknown")))
     return out

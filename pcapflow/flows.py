@@ -14,7 +14,7 @@ from itertools import pairwise
 import numpy as np
 import pandas as pd
 
-from .capture import factorize_rows
+from .capture import factorize_pair, factorize_rows
 from .seq import ACK, FIN, MOD, SYN, after, distance
 
 EPHEMERAL = (32768, 60999)
@@ -81,10 +81,9 @@ def _mark_duplicates_by_keys(seg: pd.DataFrame) -> np.ndarray:
 
 def _endpoints(seg: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Each segment's sender and receiver as one code each: address code << 16 | port."""
-    n = len(seg)
-    codes = pd.factorize(np.concatenate([seg["src"].to_numpy(), seg["dst"].to_numpy()]))[0]
-    return ((codes[:n].astype(np.int64) << 16) | seg["sport"].to_numpy(),
-            (codes[n:].astype(np.int64) << 16) | seg["dport"].to_numpy())
+    src, dst = factorize_pair(seg["src"].to_numpy(), seg["dst"].to_numpy())
+    return ((src.astype(np.int64) << 16) | seg["sport"].to_numpy(),
+            (dst.astype(np.int64) << 16) | seg["dport"].to_numpy())
 
 
 def assign_connections(seg: pd.DataFrame, compiled: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:

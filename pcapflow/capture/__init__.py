@@ -255,6 +255,15 @@ class _Caps:
         return out.astype(np.int16)
 
 
+def factorize_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of x and of y in one numbering, as pd.factorize of their concatenation gives
+    them, from each factorized alone (addresses: few distinct values, small hash tables;
+    0.09 s instead of 0.15 s for 2M sources and destinations) and then their distinct values."""
+    (cx, ux), (cy, uy) = pd.factorize(x, size_hint=64), pd.factorize(y, size_hint=64)
+    both = pd.factorize(np.concatenate([ux, uy]))[0]
+    return np.append(both[:len(ux)], -1)[cx], np.append(both[len(ux):], -1)[cy]  # -1 (missing) stays
+
+
 def factorize_rows(*columns: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Codes of the distinct rows of these integer columns, numbered in order of first
     appearance, and those rows' values (pandas hashing: one pass over the columns packed in
@@ -288,36 +297,47 @@ def _position(stream, done: int) -> tuple[int, int]:
     return now, max(now - done, 0)
 
 
+class Growing:
+    """Rows appended to one array grown in place (realloc moves pages rather than copying
+    them, and leaves no pieces behind to fragment the heap), cut to size at the end."""
+
+    def __init__(self, dtype, width: int = 0) -> None:
+        self.shape = (width,) if width else ()
+        self.data, self.n = np.empty((0, *self.shape), dtype), 0
+
+    def add(self, rows: np.ndarray) -> None:
+        end = self.n + len(rows)
+        if end > len(self.data):
+            self.data.resize((max(end, len(self.data) * 3 // 2, 1 << 12), *self.shape), refcheck=False)
+        self.data[self.n:end] = rows
+        self.n = end
+
+    def array(self) -> np.ndarray:
+        self.data.resize((self.n, *self.shape), refcheck=False)  # no views of it are held
+        return self.data
+
+
 class _Table:
-    """The segment columns, grown in place as chunks come (realloc moves pages rather than
-    copying them, and leaves no per-chunk arrays behind to fragment the heap)."""
+    """The segment columns, each grown in place as chunks come."""
 
     def __init__(self) -> None:
-        self.n = 0
-        self.cols = {name: np.empty(0, dtype) for name, dtype in SEGMENT_COLUMNS.items()}
+        self.cols = {name: Growing(dtype) for name, dtype in SEGMENT_COLUMNS.items()}
 
     def add(self, seg: dict[str, np.ndarray]) -> None:
-        end = self.n + len(seg["ts"])
-        if end > len(self.cols["ts"]):
-            size = max(end, len(self.cols["ts"]) * 3 // 2, 1 << 16)
-            for col in self.cols.values():
-                col.resize(size, refcheck=False)  # no views of it are held
         for name, col in self.cols.items():
-            col[self.n:end] = seg[name]
-        self.n = end
+            col.add(seg[name])
 
     def frame(self) -> pd.DataFrame:
         """The segment table, in time order (stable: frames of one instant stay in reading order)."""
-        for col in self.cols.values():
-            col.resize(self.n, refcheck=False)
-        ts = self.cols["ts"]
+        cols = {name: col.array() for name, col in self.cols.items()}
+        ts = cols["ts"]
         if not (ts[1:] >= ts[:-1]).all():  # most captures are in time order, or nearly
             order = np.argsort(ts, kind="stable")
             moved = np.flatnonzero(order != np.arange(len(order)))  # short.pcap: 1,634 of 2M rows
             order = order[moved]
-            for col in self.cols.values():
+            for col in cols.values():
                 col[moved] = col[order]  # the right side is gathered first: a permutation in place
         # object columns stay Python objects: the analysis reads them back as such
         cols = {name: pd.Series(col, dtype=object) if col.dtype == object else col
-                for name, col in self.cols.items()}
+                for name, col in cols.items()}
         return pd.DataFrame(cols, copy=False)  # each column as it is, not consolidated into blocks
