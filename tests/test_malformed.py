@@ -120,8 +120,9 @@ EXPECTED: dict[str, str | tuple[int, int, dict, str | None]] = {
     "pcapng_bad_byte_order.pcapng": "pcapng section header with unknown byte order",
     "gzip_header_corrupt.pcap.gz": "compressed stream broken (Compressed file ended before the "
                                    "end-of-stream marker was reached)",
-    "gzip_corrupt_start.pcap.gz":
+    "gzip_corrupt_start.pcap.gz": (  # in zlib's words, or ISA-L's (pcapflow[fast])
         "compressed stream broken (Error -3 while decompressing data: invalid distance too far back)",
+        "compressed stream broken (Error -3 Invalid lookback distance found)"),
     "zstd_corrupt_start.pcap.zst": "compressed stream broken (zstd decompress error: Data corruption detected)",
     # a cut or lying record ends the file where it is: packets before it, and a warning
     "record_header_cut.pcap": (5, 5, {}, "record header cut short (7 of 16 bytes) after packet 5"),
@@ -182,16 +183,22 @@ def test_malformed_capture(name):
     path = MALFORMED / name
     run, doc = analyze_json(path)
     expected = EXPECTED[name]
-    if isinstance(expected, str):
-        assert run.code == 2 and error_line(run, path) == expected
+    if isinstance(expected, str) or isinstance(expected[0], str):  # an error, in words or alternatives
+        assert run.code == 2 and error_line(run, path) in ([expected] if isinstance(expected, str) else expected)
         return
     packets, tcp, skipped, cut = expected
     assert run.code == 0
     [cap] = doc["captures"]
-    assert (cap["packets"], cap["tcp_packets"], cap["skipped"], cap["truncated"]) == (
-        packets, tcp, skipped, cut)
+    assert (cap["packets"], cap["tcp_packets"], cap["skipped"], decimal_crcs(cap["truncated"])) == (
+        packets, tcp, skipped, decimal_crcs(cut))
+    cut = cap["truncated"]
     warning = f"warning: {path}: capture cut short ({cut}); analyzed the packets before the cut\n"
     assert run.stderr == (warning if cut else "")
+
+
+def decimal_crcs(reason: str | None) -> str | None:
+    """zlib writes the CRCs of a broken gzip stream in hex, ISA-L (pcapflow[fast]) in decimal."""
+    return reason and re.sub(r"0x[0-9a-f]+", lambda m: str(int(m[0], 16)), reason)
 
 
 def test_packets_in_reverse_order_give_the_same_analysis():
