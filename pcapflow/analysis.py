@@ -395,9 +395,11 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     table = table[CONNECTION_COLUMNS].set_index("conn_id", drop=False).rename_axis(None)
     ev = pd.DataFrame(_joined(fast_events, events))
     del events, fast_events  # the frame holds their values
+    # by (ts, conn_id), stable; the kernel's events come in that order, so when they are all
+    # there is, nothing moves
     ts, cid = ev["ts"].to_numpy(), ev["conn_id"].to_numpy()
-    if not ((ts[1:] > ts[:-1]) | (ts[1:] == ts[:-1]) & (cid[1:] >= cid[:-1])).all():  # the kernel's alone are
-        ev = ev.take(np.lexsort((cid, ts))).reset_index(drop=True)  # by (ts, conn_id), stable
+    if not ((ts[1:] > ts[:-1]) | (ts[1:] == ts[:-1]) & (cid[1:] >= cid[:-1])).all():
+        ev = ev.take(np.lexsort((cid, ts))).reset_index(drop=True)
     return Analysis(seg, captures, table, ev, params, endpoints)
 
 
