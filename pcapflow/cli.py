@@ -81,9 +81,11 @@ def run_analysis(captures, progress, **kw) -> Analysis:
 def flat(df: pd.DataFrame) -> pd.DataFrame:
     """Lists and dicts as JSON text, for CSV."""
     out = df.copy()
-    for col in out.columns:
-        if out[col].map(lambda v: isinstance(v, (list, dict))).any():
-            out[col] = out[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    for col in out.columns[out.dtypes == object]:  # only object columns can hold them
+        values = out[col].tolist()
+        if any(isinstance(v, (list, dict)) for v in values):
+            out[col] = [(json.dumps(v) if v else "[]" if isinstance(v, list) else "{}")  # most are empty
+                        if isinstance(v, (list, dict)) else v for v in values]
     return out
 
 
