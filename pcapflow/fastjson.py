@@ -108,6 +108,7 @@ def join_rows(columns: list[tuple[np.ndarray, list[str], np.ndarray | None]], ke
     """The rows' JSON from each column's codes, texts and (float columns) values (see
     analysis._json_cells), each text written after its column's key (which opens the row
     for the first column), as ASCII bytes."""
+    columns, keys = _merged(columns, keys)
     pieces = [key + t for key, (_, texts, _) in zip(keys, columns) for t in texts] + keys
     count = np.array([len(texts) for _, texts, _ in columns], dtype=np.int64)
     first = np.concatenate([[0], np.cumsum(count)[:-1]])
@@ -120,3 +121,20 @@ def join_rows(columns: list[tuple[np.ndarray, list[str], np.ndarray | None]], ke
     row = np.cumsum([v is not None for _, _, v in columns]) - 1  # each column's row of floats
     at_keys = np.arange(len(keys), dtype=np.int64) + int(count.sum())
     return _join(codes, floats, row, first, count, at_keys, pool, off)
+
+
+def _merged(columns: list[tuple[np.ndarray, list[str], np.ndarray | None]],
+            keys: list[str]) -> tuple[list, list[str]]:
+    """The columns with each one whose cells all have one text (all null, all 0, all []: most
+    of a refused storm's) appended to every text of the column before it, when that one has
+    few texts and no float the kernel writes: fewer cells to join, the same bytes."""
+    out, out_keys = [], []
+    for (codes, texts, values), key in zip(columns, keys):
+        if (out and out[-1][2] is None and len(out[-1][1]) <= 256 and values is None
+                and (codes == codes[0]).all()):
+            tail = key + texts[codes[0]]  # code -1: the last text, as in _join
+            out[-1] = (out[-1][0], [t + tail for t in out[-1][1]], None)
+        else:
+            out.append((codes, texts, values))
+            out_keys.append(key)
+    return out, out_keys
