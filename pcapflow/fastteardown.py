@@ -547,8 +547,8 @@ def reconstruct_clean(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     ev_t, ev_i = np.empty(size * MAX_EVENTS), np.empty((size * MAX_EVENTS, 6), dtype=np.int64)
     times = np.zeros((size, 2, MAX_HISTORY))
     states = np.zeros((size, 2, MAX_HISTORY), dtype=np.int64)
-    events = Growing(np.float64, 0), Growing(np.int64, 6)  # E_VALUE holds ack numbers: 32 bits unsigned
-    history = Growing(np.float64, 0), Growing(np.int64, 0)
+    events = Growing(np.float64), Growing(np.int64, 6)  # E_VALUE holds ack numbers: 32 bits unsigned
+    history = Growing(np.float64), Growing(np.int64)
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         at = _reconstruct(TRANSITIONS, starts[lo:hi], ends[lo:hi], cols["ts"], cols["d"], cols["flags"],

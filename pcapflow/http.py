@@ -7,6 +7,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from .capture import factorize_rows
+
 CONNECTION_HEADER = re.compile(r"\r\nconnection:\s*([^\r\n]*)", re.IGNORECASE)
 REQUEST_LINE = re.compile(r"^[A-Z]+ \S+ HTTP/1\.([01])")
 HEAD_BYTES = 512  # the reader keeps this much of a payload that starts an HTTP message
@@ -32,7 +34,6 @@ def http_columns(d: np.ndarray, http: np.ndarray, plen: np.ndarray,
                  starts: np.ndarray) -> dict[str, np.ndarray]:
     """http_fields of each connection k at once: its rows are starts[k]..starts[k + 1] of
     the columns (the last one's, to their end)."""
-    from .capture import factorize_rows
     rows = np.flatnonzero(pd.notna(http))  # None where a segment starts no HTTP message
     conn = np.searchsorted(starts, rows, side="right") - 1
     index: dict[str, int] = {}  # heads repeat: each distinct message read once (a dict: 10x pd.factorize)
