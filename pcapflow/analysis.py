@@ -166,31 +166,9 @@ class Analysis:
             self.write_json(fh)
         return None
 
-    @_gc_paused()
     def write_json(self, fh) -> None:
-        """Stream the document a batch of records at a time, never holding its text whole.
-        Rows joined by fastjson (ASCII bytes in a numpy array) go to the binary file under a
-        text one as they are: three copies of every byte fewer."""
-        raw = getattr(fh, "buffer", None)
-
-        def write(part: str | np.ndarray) -> None:
-            if not isinstance(part, np.ndarray):
-                fh.write(part)
-            elif raw is None:
-                fh.write(part.tobytes().decode("ascii"))
-            else:
-                fh.flush()  # what the text layer holds goes first
-                raw.write(part)
-
-        write(f'{{"schema":{_dump(SCHEMA)},"captures":{_dump([asdict(c) for c in self.captures])}')
-        for name, df in self._tables():
-            write(f',"{name}":[')
-            for k, rows in enumerate(_json_rows(df)):
-                if k:
-                    write(",")
-                write(rows)
-            write("]")
-        write("}\n")
+        """Stream the document a batch of records at a time, never holding its text whole."""
+        write_document(fh, self.captures, ((name, [df]) for name, df in self._tables()))
 
     def _tables(self):
         return (("connections", self.connections), ("events", self.events),
@@ -207,6 +185,36 @@ class Analysis:
     def plot_backoff(self, conn_id: int | None = None):
         from .report.charts import fin_backoff
         return fin_backoff(self, conn_id)
+
+
+@_gc_paused()
+def write_document(fh, captures: list[CaptureInfo], tables) -> None:
+    """The `pcapflow/1` document to `fh`: `tables` gives (name, its rows as frames, in
+    order). Rows joined by fastjson (ASCII bytes in a numpy array) go to the binary file under
+    a text one as they are: three copies of every byte fewer."""
+    raw = getattr(fh, "buffer", None)
+
+    def write(part: str | np.ndarray) -> None:
+        if not isinstance(part, np.ndarray):
+            fh.write(part)
+        elif raw is None:
+            fh.write(part.tobytes().decode("ascii"))
+        else:
+            fh.flush()  # what the text layer holds goes first
+            raw.write(part)
+
+    write(f'{{"schema":{_dump(SCHEMA)},"captures":{_dump([asdict(c) for c in captures])}')
+    for name, frames in tables:
+        write(f',"{name}":[')
+        first = True
+        for df in frames:
+            for rows in _json_rows(df):
+                if not first:
+                    write(",")
+                write(rows)
+                first = False
+        write("]")
+    write("}\n")
 
 
 def _json_default(o):
@@ -335,11 +343,15 @@ def analyze(sources, msl: float = 30.0, fin_timeout: float = 60.0,
 @_gc_paused()
 def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
           capture_end: float | None = None,
-          progress: Callable[[int, int], None] | None = None) -> Analysis:
+          progress: Callable[[int, int], None] | None = None,
+          votes: Mapping[str, int] | None = None) -> Analysis:
     """Connections and events from a segment table (the part of `analyze` after reading).
 
     `capture_end` is when the whole timeline ends (default: its last packet); a caller that
-    builds one part of a larger timeline (batch partitions) passes the timeline's end.
+    builds one part of a larger timeline (batch partitions) passes the timeline's end, and
+    may pass the whole timeline's `votes` (host -> connections that put the capture point on
+    it), which decide the vantage of connections whose own packets cannot. The Analysis's
+    `undecided` lists those connections.
     """
     compiled = use_compiled(len(segments) >= COMPILED_MIN_SEGMENTS)  # numba kernels, Python for the rest
     seg, conns = assign_connections(segments, compiled)
@@ -357,12 +369,14 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     details: dict[str, str] = {}  # one object per distinct text: most repeat ("2MSL expired")
     endpoints = {}
     fast_rows, fast_events, histories = {}, {}, {}
+    undecided: list[int] = []
     if compiled:
-        todo, (fast_rows, fast_events, histories) = _compiled(flows, conns, capture_end, params)
+        todo, (fast_rows, fast_events, histories) = _compiled(flows, conns, capture_end, params,
+                                                                votes, undecided)
         if progress is not None:
             progress(len(histories), len(flows))
     else:
-        todo = _with_vantages(conns, flows)
+        todo = _with_vantages(conns, flows, votes, undecided)
     for n, (cid, flow, v) in enumerate(todo, len(histories) + 1):
         if progress is not None and (n % 2000 == 0 or n == len(flows)):
             progress(n, len(flows))
@@ -374,8 +388,10 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         _extend(events, [(cid, t, SIDE_NAMES[s], kind, a, b, details.setdefault(d, d))
                          for t, s, kind, a, b, d in res.events])
     if not len(flows):  # no connection (each has rows from the kernel or from Python)
-        return Analysis(seg, captures, pd.DataFrame(columns=CONNECTION_COLUMNS),
-                        pd.DataFrame(columns=EVENT_COLUMNS), params, {})
+        a = Analysis(seg, captures, pd.DataFrame(columns=CONNECTION_COLUMNS),
+                     pd.DataFrame(columns=EVENT_COLUMNS), params, {})
+        a.undecided = []
+        return a
     endpoints = ChainMap(endpoints, histories)
     table = conns.merge(pd.DataFrame(_joined(fast_rows, rows)), on="conn_id", how="left")
     del rows, fast_rows
@@ -400,7 +416,9 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     ts, cid = ev["ts"].to_numpy(), ev["conn_id"].to_numpy()
     if not ((ts[1:] > ts[:-1]) | (ts[1:] == ts[:-1]) & (cid[1:] >= cid[:-1])).all():
         ev = ev.take(np.lexsort((cid, ts))).reset_index(drop=True)
-    return Analysis(seg, captures, table, ev, params, endpoints)
+    a = Analysis(seg, captures, table, ev, params, endpoints)
+    a.undecided = undecided
+    return a
 
 
 def _joined(first: dict[str, np.ndarray], rest: dict[str, list]) -> dict:
@@ -475,27 +493,33 @@ class _Flows(Mapping):
         return len(self._rows)
 
 
-def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Params):
+def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Params,
+              votes: Mapping[str, int] | None, undecided: list[int]):
     """The compiled path: every connection's vantage, and the connections the kernel can
     reconstruct. Returns (conn_id, Flow, vantage) of the rest, and the kernel's connection
-    columns, event columns and endpoints (fastteardown.clean_connections)."""
+    columns, event columns and endpoints (fastteardown.clean_connections); adds to
+    `undecided` the connections `votes` (default: these connections') decided."""
     from . import fastteardown as ft
     ids = list(flows)
     at = conns.set_index("conn_id").loc[ids]
     client_ip, server_ip = at["client_ip"].to_numpy(), at["server_ip"].to_numpy()
     loopback = np.fromiter(map(vt.is_loopback, client_ip, server_ip), np.bool_, len(ids))  # cached per pair
-    vantage = ft.vantages(flows.cols, flows.starts, flows.ends, client_ip, server_ip, loopback)
+    vantage, voted = ft.vantages(flows.cols, flows.starts, flows.ends, client_ip, server_ip, loopback, votes)
+    undecided.extend(np.asarray(ids)[voted].tolist())
     done = ft.clean_connections(flows, ids, vantage, capture_end, params.msl)
     left = np.flatnonzero(~np.isin(ids, done[0]["conn_id"]))
     return ((ids[k], flows[ids[k]], ft.VANTAGES[vantage[k]]) for k in left.tolist()), done
 
 
-def _with_vantages(conns: pd.DataFrame, flows: Mapping):
+def _with_vantages(conns: pd.DataFrame, flows: Mapping, votes: Mapping[str, int] | None = None,
+                   undecided: list[int] | None = None):
     """(conn_id, Flow, vantage) of each connection: from its handshake timing, else its TTLs;
-    those still undecided come last, decided by what the same hosts showed."""
+    those still undecided come last (added to `undecided`), decided by what the same hosts
+    showed: `votes`, host -> connections placing the capture point on it (default: these)."""
+    undecided = [] if undecided is None else undecided
     ends = dict(zip(conns["conn_id"].tolist(), zip(conns["client_ip"].tolist(),
                                                    conns["server_ip"].tolist())))
-    local_votes, undecided = Counter(), []
+    local_votes = Counter()
     for cid, f in flows.items():
         client_ip, server_ip = ends[cid]
         if vt.is_loopback(client_ip, server_ip):
@@ -510,10 +534,10 @@ def _with_vantages(conns: pd.DataFrame, flows: Mapping):
         if v in ("client", "server"):
             local_votes[client_ip if v == "client" else server_ip] += 1
         yield cid, f, v
+    votes = local_votes if votes is None else votes
     for cid in undecided:
         client_ip, server_ip = ends[cid]
-        c, s = local_votes[client_ip], local_votes[server_ip]
-        yield cid, flows[cid], "client" if c > s else "server" if s > c else "unknown"
+        yield cid, flows[cid], vt.by_votes(votes.get(client_ip, 0), votes.get(server_ip, 0))
 
 
 def _reuse(table: pd.DataFrame, flows: _Flows, endpoints: Mapping) -> tuple[pd.DataFrame, list]:

@@ -16,8 +16,10 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,7 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .analysis import CONNECTION_COLUMNS, EVENT_COLUMNS, build
+from . import vantage as vt
+from .analysis import CONNECTION_COLUMNS, EVENT_COLUMNS, build, write_document
 from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, Limits, read_chunks
 from .capture.files import COMPRESSION_MAGICS, PCAP_MAGICS, PCAPNG_MAGIC
 from .findings import INPUTS, compute_findings
@@ -129,6 +132,89 @@ def run(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, jobs: in
     return result
 
 
+@dataclass
+class Streamed:
+    """What `analyze` gives, a slice at a time: `captures` (each input's accounting) and
+    `tables()`, to be walked once, in order (the findings come from the connections)."""
+
+    captures: list[CaptureInfo]
+    merged: _Merged
+
+    @property
+    def params(self) -> Params:
+        return self.merged.params
+
+    def connections(self) -> Iterator[pd.DataFrame]:
+        return self.merged.connections()
+
+    def tables(self) -> Iterator[tuple[str, Iterable[pd.DataFrame]]]:
+        yield "connections", self.merged.connections()
+        yield "events", self.merged.events()
+        yield "findings", (self.merged.findings() for _ in (0,))  # not before the connections
+
+    def write_json(self, fh) -> None:
+        write_document(fh, self.captures, self.tables())
+
+
+COMPRESSION_RATIO = 10  # capture bytes guessed per compressed byte, to size the partitions
+
+
+@contextmanager
+def analyze_streamed(sources: list[str], msl: float = 30.0, fin_timeout: float = 60.0,
+                     filter: str | None = None, progress: Callable[[int], None] | None = None,
+                     analysis_progress: Callable[[int, int], None] | None = None) -> Iterator[Streamed]:
+    """`analyze` of captures too big for memory, as batch does one group: segments
+    hash-partitioned by 4-tuple into a temporary directory while reading, partitions
+    reconstructed one after another, tables merged in `analyze`'s order. Memory is bounded by
+    a partition (~BYTES_PER_PARTITION of capture), not by the captures; the tables equal
+    `analyze`'s (no caps apply). The temporary directory goes when the block ends."""
+    if filter:
+        from .bpf import parse
+        parse(filter)  # a bad filter is said before reading
+    size = 0
+    for source in sources:
+        if os.path.isfile(source):
+            with open(source, "rb") as fh:
+                head = fh.read(6)
+            packed = any(head.startswith(m) for m in COMPRESSION_MAGICS)
+            size += os.path.getsize(source) * (COMPRESSION_RATIO if packed else 1)
+    n_parts = max(1, math.ceil(size / BYTES_PER_PARTITION))
+    tmp = tempfile.mkdtemp(prefix="pcapflow-")
+    try:
+        maps = []
+        for i, source in enumerate(sources):
+            maps.append(_map_file(source, os.path.join(tmp, str(i)), n_parts, False, progress))
+            if maps[-1]["error"]:
+                raise CaptureError(f"{maps[-1]['info']['path']}: {maps[-1]['error']}")
+        captures = [CaptureInfo(**m["info"]) for m in maps]
+        end = max((c.last_ts for c in captures if c.last_ts is not None), default=None)
+        params = Params(msl=msl, fin_timeout=fin_timeout)
+        todo = [(p, [(i, m["parts"][p]) for i, m in enumerate(maps) if p in m["parts"]]) for p in range(n_parts)]
+        todo = [(p, parts) for p, parts in todo if parts]
+
+        def reduce(k: int, votes: Counter | None = None) -> dict:
+            p, parts = todo[k]
+            return _reduce(parts, captures, params, end, frozenset(), os.path.join(tmp, f"r{p}"),
+                           n_parts, filter, votes)
+
+        results = []
+        for k in range(len(todo)):
+            results.append(reduce(k))
+            if analysis_progress is not None:
+                analysis_progress(k + 1, len(todo))
+        results = _revote(results, lambda stale, votes: [reduce(k, votes) for k in stale])
+        filtered: dict[int, int] = {}
+        for r in results:
+            for cap, n in r["filtered"].items():
+                filtered[cap] = filtered.get(cap, 0) + int(n)
+        for cap, n in sorted(filtered.items()):
+            captures[cap].skipped["filtered"] = n  # counted, like every skipped packet
+            captures[cap].tcp_packets -= n
+        yield Streamed(captures, _Merged(results, params, end))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def find_captures(paths: Iterable[str | os.PathLike], exclude: str | None = None) -> list[str]:
     """Absolute paths of the captures named by `paths` (files, directories, glob patterns).
 
@@ -207,7 +293,10 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
     pending = {g: len(members) for g, members in todo.items()}
 
     def finish(g: str) -> None:
-        entries[g] = _merge(g, plans[g], results.pop(g), params, out_dir)
+        args, done = zip(*results.pop(g)) if results[g] else ((), ())
+        done = _revote(done, lambda stale, votes: [
+            f.result() for f in [pool.submit(_reduce, *args[k], votes=votes) for k in stale]])
+        entries[g] = _merge(g, plans[g], done, params, out_dir)
 
     for k, fut in enumerate(as_completed(maps), 1):
         g, path = maps[fut]
@@ -221,30 +310,32 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
         for p in range(n_parts[g]):
             parts = [(i, t["parts"][p]) for i, t in enumerate(plan["timeline"]) if p in t["parts"]]
             if parts:
-                fut = pool.submit(_reduce, parts, plan["captures"], params, plan["end"],
-                                  plan["overlapping"], os.path.join(tmp, _key(g), f"r{p}"), n_parts[g])
-                reduces[fut] = g
+                args = (parts, plan["captures"], params, plan["end"], plan["overlapping"],
+                        os.path.join(tmp, _key(g), f"r{p}"), n_parts[g])
+                reduces[pool.submit(_reduce, *args)] = g, args
                 pending[g] += 1
         if not pending[g]:
             finish(g)
     for fut in as_completed(reduces):
-        g = reduces[fut]
-        results[g].append(fut.result())
+        g, args = reduces[fut]
+        results[g].append((args, fut.result()))
         pending[g] -= 1
         if not pending[g]:
             finish(g)
     return entries
 
 
-def _map_file(path: str, out: str, n_parts: int) -> dict:
-    """Read one file: its sha256, accounting and segments, hash-partitioned to `out`/<p>.parquet
-    as they are read (memory bounded by the chunks buffered, not by the file)."""
+def _map_file(path: str, out: str, n_parts: int, checksum: bool = True,
+              progress: Callable[[int], None] | None = None) -> dict:
+    """Read one file: its sha256 (if `checksum`), accounting and segments, hash-partitioned to
+    `out`/<p>.parquet as they are read (memory bounded by the chunks buffered, not by the file)."""
     rec = {"sha256": None, "error": None, "info": asdict(CaptureInfo(path=path)), "parts": {}}
     writer = _PartitionWriter(out, n_parts)
     try:
-        rec["sha256"] = _sha256(path)
+        if checksum:
+            rec["sha256"] = _sha256(path)
         # no caps: what is read is written out, and partitions bound each reduce's memory
-        (info,) = read_chunks(path, writer.add, limits=Limits.unbounded())
+        (info,) = read_chunks(path, writer.add, progress, limits=Limits.unbounded())
     except CaptureError as e:
         rec["error"] = str(e).removeprefix(f"{path}: ")  # the files table names the file
         return rec
@@ -357,11 +448,13 @@ def _plan(group: str, members: list[str], read: dict[str, dict], stats: dict) ->
 
 
 def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: Params,
-            capture_end: float | None, overlapping: frozenset[int], out: str, n_parts: int) -> dict:
+            capture_end: float | None, overlapping: frozenset[int], out: str, n_parts: int,
+            filter: str | None = None, votes: Mapping[str, int] | None = None) -> dict:
     """Analyze one partition (of `n_parts`): the segments of its 4-tuples from every file of
-    the group. Its tables go to files under `out` (pickles: exact round trip) in slices small
-    enough that the merge can hold one of every partition at once; what comes back is small:
-    each connection's first packet, and counts."""
+    the group, those `filter` keeps. Its tables go to files under `out` (pickles: exact round
+    trip) in slices small enough that the merge can hold one of every partition at once; what
+    comes back is small: each connection's first packet, counts, and the vantage votes of its
+    hosts with the connections they decided (see `_revote`)."""
     frames = []
     for index, path in parts:
         seg = pd.read_parquet(path)
@@ -373,14 +466,42 @@ def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: P
             seg[col] = seg[col].astype(object).where(seg[col].notna(), None)
     # read_captures' order: time, then file, then frame within the file
     seg = seg.sort_values(["ts", "capture", "frame"], kind="stable", ignore_index=True)
-    repeats = _repeats(seg, overlapping)
-    dropped = seg.loc[repeats, "capture"].value_counts().to_dict()
-    a = build(seg[~repeats].reset_index(drop=True), captures, params, capture_end=capture_end)
+    keep = ~_repeats(seg, overlapping)
+    dropped = seg.loc[~keep, "capture"].value_counts().to_dict()
+    filtered = {}
+    if filter:
+        from .bpf import parse
+        passed = np.asarray(parse(filter)(seg), dtype=bool)
+        filtered = seg.loc[keep & ~passed, "capture"].value_counts().to_dict()
+        keep &= passed
+    a = build(seg[keep].reset_index(drop=True), captures, params, capture_end=capture_end, votes=votes)
     first = a.segments.groupby("conn", sort=False)[["ts", "capture", "frame"]].first()
-    os.makedirs(out, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a partition analyzed again (`_revote`)
+    os.makedirs(out)
+    c = a.connections
+    voted = c["conn_id"].isin(a.undecided).to_numpy()
+    local = Counter(c.loc[~voted & (c["vantage"] == "client"), "client_ip"].tolist())
+    local.update(c.loc[~voted & (c["vantage"] == "server"), "server_ip"].tolist())
     return {"connections": _spill(a.connections, max(1, CONNECTIONS_HELD // n_parts), out, "connections"),
             "events": _spill(a.events, max(1, EVENTS_HELD // n_parts), out, "events"),
-            "first": first, "dropped": dropped}
+            "first": first, "dropped": dropped, "filtered": filtered, "votes": local,
+            "voted": list(c.loc[voted, ["client_ip", "server_ip", "vantage"]].itertuples(index=False, name=None))}
+
+
+def _revote(results: list[dict], again: Callable[[list[int], Counter], list[dict]]) -> list[dict]:
+    """A connection whose own packets do not place the capture point takes the side that the
+    other connections of its hosts voted for, over the whole timeline: partitions that
+    decided one otherwise are analyzed again (`again(indices, votes)`) with every partition's
+    votes. Nothing is redone when no partition had such a connection, or all agree."""
+    votes = Counter()
+    for r in results:
+        votes.update(r["votes"])
+    stale = [i for i, r in enumerate(results)
+             if any(v != vt.by_votes(votes[c], votes[s]) for c, s, v in r["voted"])]
+    results = list(results)
+    for i, r in zip(stale, again(stale, votes)):
+        results[i] = r
+    return results
 
 
 def _spill(df: pd.DataFrame, rows: int, out: str, name: str) -> list[str]:
@@ -408,37 +529,12 @@ def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir:
     (ties: file, then frame, as `analyze` orders them), connections and events merged in
     order a slice at a time, findings over the columns they read. Returns the group's
     manifest entry."""
-    order = pd.concat([r["first"].assign(part=i, local=r["first"].index) for i, r in enumerate(results)],
-                      ignore_index=True).sort_values(["ts", "capture", "frame"], kind="stable",
-                                                     ignore_index=True)
-    part_of = order["part"].to_numpy()
-    remaps = []  # per partition: local conn_id (0..n-1) -> global
-    for i, r in enumerate(results):
-        remap = np.empty(len(r["first"]), dtype=np.int64)
-        mine = np.flatnonzero(part_of == i)
-        remap[order["local"].to_numpy()[mine]] = mine
-        remaps.append(remap)
-    del order
     key = _key(group)
     for name in ("connections", "events"):
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-    slim: list[pd.DataFrame] = []  # the columns the findings read, equal strings shared
-    shared: dict[str, str] = {}
-
-    def kept(frames: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for df in frames:
-            part = df[INPUTS].copy()
-            for col in part.columns[part.dtypes == object]:
-                part[col] = [shared.setdefault(v, v) if isinstance(v, str) else v for v in part[col].tolist()]
-            slim.append(part)
-            yield df
-
-    n_conns = _write_slices(kept(_connections_in_order(results, remaps, part_of, group)),
-                            _output(out_dir, "connections", key))
-    connections = pd.concat(slim) if slim else pd.DataFrame(columns=INPUTS)
-    slim.clear()
-    findings = compute_findings(SimpleNamespace(connections=connections, params=params,
-                                                capture_end=plan["end"]))
+    merged = _Merged(results, params, plan["end"], group)
+    n_conns = _write_slices(merged.connections(), _output(out_dir, "connections", key))
+    findings = merged.findings()
     dropped: dict[int, int] = {}
     for r in results:
         for cap, n in r["dropped"].items():
@@ -450,9 +546,52 @@ def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir:
     files = pd.DataFrame([{k: r[k] for k in FILE_COLUMNS} for r in plan["rows"]], columns=FILE_COLUMNS)
     findings.insert(0, "group", group)
     _write_outputs(out_dir, key, {"findings": findings, "files": files})
-    n_events = _write_stream(_events_in_order(results, remaps, group), _output(out_dir, "events", key))
+    n_events = _write_stream(merged.events(), _output(out_dir, "events", key))
     return {"key": key, "files": plan["manifest"],
             "counts": {"connections": n_conns, "events": n_events, "findings": len(findings)}}
+
+
+class _Merged:
+    """A timeline's tables from its reduced partitions, in the order `analyze` gives them: global
+    conn_id in order of first packet (ties: file, then frame), connections and events a slice at
+    a time; findings over the columns they read, kept as the connections go by (so after them).
+    `group`, when given, is the first column of every slice."""
+
+    def __init__(self, results: list[dict], params: Params, capture_end: float | None,
+                 group: str | None = None) -> None:
+        self.results, self.params, self.capture_end, self.group = results, params, capture_end, group
+        firsts = [r["first"].assign(part=i, local=r["first"].index) for i, r in enumerate(results)]
+        order = pd.concat(firsts or [pd.DataFrame(columns=["ts", "capture", "frame", "part", "local"])],
+                          ignore_index=True).sort_values(["ts", "capture", "frame"], kind="stable",
+                                                         ignore_index=True)
+        self.part_of = order["part"].to_numpy()  # the partition of each global conn_id
+        self.remaps = []  # per partition: local conn_id (0..n-1) -> global
+        for i, r in enumerate(results):
+            remap = np.empty(len(r["first"]), dtype=np.int64)
+            mine = np.flatnonzero(self.part_of == i)
+            remap[order["local"].to_numpy()[mine]] = mine
+            self.remaps.append(remap)
+        self.slim: list[pd.DataFrame] = []  # the columns the findings read, equal strings shared
+        self.shared: dict[str, str] = {}
+
+    def connections(self) -> Iterator[pd.DataFrame]:
+        for df in _connections_in_order(self.results, self.remaps, self.part_of, self.group):
+            part = df[INPUTS].copy()
+            for col in part.columns[part.dtypes == object]:
+                part[col] = [self.shared.setdefault(v, v) if isinstance(v, str) else v
+                             for v in part[col].tolist()]
+            self.slim.append(part)
+            yield df
+
+    def events(self) -> Iterator[pd.DataFrame]:
+        return _events_in_order(self.results, self.remaps, self.group)
+
+    def findings(self) -> pd.DataFrame:
+        """Once the connections have been walked."""
+        connections = pd.concat(self.slim) if self.slim else pd.DataFrame(columns=INPUTS)
+        self.slim = []
+        return compute_findings(SimpleNamespace(connections=connections, params=self.params,
+                                                capture_end=self.capture_end))
 
 
 # Rows a group's merge holds at once, one spilled slice of every partition: memory bounded
@@ -470,7 +609,7 @@ def _connections_in_order(results: list[dict], remaps: list[np.ndarray], part_of
     def slices(r, remap):
         for path in r["connections"]:
             c = pd.read_pickle(path)
-            c["conn_id"] = remap[c["conn_id"].to_numpy()]
+            c["conn_id"] = remap[c["conn_id"].to_numpy(np.int64)]
             yield c.set_index("conn_id", drop=False).rename_axis(None)
 
     streams = [slices(r, remap) for r, remap in zip(results, remaps)]
@@ -485,7 +624,8 @@ def _connections_in_order(results: list[dict], remaps: list[np.ndarray], part_of
             taken.append(bufs[i].iloc[:need[i]])
             bufs[i] = bufs[i].iloc[need[i]:]
         out = pd.concat(taken).sort_index()
-        out.insert(0, "group", group)
+        if group is not None:
+            out.insert(0, "group", group)
         yield out
 
 
@@ -521,7 +661,7 @@ def _events_in_order(results: list[dict], remaps: list[np.ndarray], group: str) 
     def slices(r, remap):
         for path in r["events"]:
             e = pd.read_pickle(path)
-            e["conn_id"] = remap[e["conn_id"].to_numpy()]
+            e["conn_id"] = remap[e["conn_id"].to_numpy(np.int64)]
             e["detail"] = e["detail"].map(lambda d, m=remap: _renumber_text(d, m))
             yield e
 
@@ -554,7 +694,8 @@ def _events_in_order(results: list[dict], remaps: list[np.ndarray], group: str) 
         out = pd.concat(taken, ignore_index=True)
         if len(out):
             out = out.sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
-            out.insert(0, "group", group)
+            if group is not None:
+                out.insert(0, "group", group)
             yield out
 
 

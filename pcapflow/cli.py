@@ -1,6 +1,8 @@
 """Command line: thin click commands over the library (SPEC.md, "Command line")."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import click
 import numpy as np
 import pandas as pd
 
+from .analysis import CONNECTION_COLUMNS as COLUMNS
 from .analysis import Analysis, analyze
 from .bpf import FilterError
 from .capture import CaptureError
@@ -71,11 +74,15 @@ def run_analysis(captures, progress, **kw) -> Analysis:
         raise InputError(clean(e)) from None
     finally:
         bar.done()
-    for cap in a.captures:
+    warn_truncated(a.captures)
+    return a
+
+
+def warn_truncated(captures) -> None:
+    for cap in captures:
         if cap.truncated:
             click.echo(f"warning: {clean(cap.path)}: capture cut short ({cap.truncated}); "
                        "analyzed the packets before the cut", err=True)
-    return a
 
 
 def flat(df: pd.DataFrame) -> pd.DataFrame:
@@ -107,7 +114,9 @@ def cli():
 @click.option("--port-range", default="32768-60999", show_default=True,
               help="Ephemeral port range of the clients (net.ipv4.ip_local_port_range).")
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: if a terminal).")
-def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_range, progress):
+@click.option("--low-memory", is_flag=True, help="Memory bounded by a 64 MB slice of capture, not by "
+              "the whole (json or csv; slower): for captures too big for memory.")
+def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_range, progress, low_memory):
     """Analyze CAPTURE... (pcap/pcapng, optionally compressed; '-' for stdin) as one timeline."""
     try:
         lo, hi = (int(x) for x in port_range.split("-"))
@@ -115,6 +124,11 @@ def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_r
         raise click.BadParameter("expected LOW-HIGH, e.g. 32768-60999", param_hint="--port-range")
     if fmt in ("parquet", "html") and not output:
         raise click.UsageError(f"--format {fmt} needs -o PATH")
+    if low_memory:
+        if fmt not in ("json", "csv") or charts or "-" in captures:
+            raise click.UsageError("--low-memory writes --format json or csv, from files, without --charts")
+        return analyze_low_memory(captures, fmt, output, progress, (lo, hi), msl=msl,
+                                  fin_timeout=fin_timeout, filter=filter_)
     a = run_analysis(captures, progress, msl=msl, fin_timeout=fin_timeout, filter=filter_)
     a.params.port_range = (lo, hi)
     if fmt == "table":
@@ -148,6 +162,32 @@ def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_r
         from .report.charts import write_charts
         for path in write_charts(a, charts):
             click.echo(f"chart: {path}", err=True)
+
+
+def analyze_low_memory(captures, fmt, output, progress, port_range, **kw) -> None:
+    """analyze --low-memory: the batch engine on one timeline, written as it is merged."""
+    from .batch import analyze_streamed
+    bar = Progress(progress, captures)
+    try:
+        with contextlib.ExitStack() as stack:
+            a = stack.enter_context(analyze_streamed(
+                list(captures), progress=bar.reading if bar.enabled else None,
+                analysis_progress=bar.analyzing if bar.enabled else None, **kw))
+            bar.done()
+            a.params.port_range = port_range
+            fh = stack.enter_context(open(output, "w")) if output else click.get_text_stream("stdout")
+            if fmt == "json":
+                a.write_json(fh)
+            else:
+                frames = a.connections()
+                first = next(frames, None)  # no connection: the header alone, as analyze writes
+                for df in itertools.chain([first if first is not None else pd.DataFrame(columns=COLUMNS)], frames):
+                    flat(df).to_csv(fh, index=False, header=df is first or first is None)
+    except (CaptureError, FilterError) as e:
+        raise InputError(clean(e)) from None
+    finally:
+        bar.done()
+    warn_truncated(a.captures)
 
 
 @cli.command("states")

@@ -717,17 +717,23 @@ def _vantages(ttls, ratio, starts, ends, ts, d, flags, seq, ack, ttl, loopback, 
 
 
 def vantages(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
-             client_ip: np.ndarray, server_ip: np.ndarray, loopback: np.ndarray) -> np.ndarray:
-    """Every connection's vantage as a VANTAGES code: those its own packets leave undecided
-    go to the side whose host other connections placed the capture point on more often."""
+             client_ip: np.ndarray, server_ip: np.ndarray, loopback: np.ndarray,
+             votes: Mapping[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every connection's vantage as a VANTAGES code, and which of them were voted: those its
+    own packets leave undecided go to the side whose host other connections placed the
+    capture point on more often (`votes`, host -> connections, or else these connections)."""
     out = np.empty(len(starts), dtype=np.int64)
     _vantages(TTLS, RATIO, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
               cols["ttl"], loopback, out)
     undecided = out == UNDECIDED
-    if undecided.any():  # hosts as codes: votes counted by bincount
-        client, server = factorize_pair(client_ip, server_ip)
-        votes = np.bincount(np.concatenate([client[out == 0], server[out == 1]]),
-                            minlength=max(client.max(), server.max()) + 1)
-        c, s = votes[client[undecided]], votes[server[undecided]]
+    if undecided.any():
+        if votes is None:  # hosts as codes: votes counted by bincount
+            client, server = factorize_pair(client_ip, server_ip)
+            counts = np.bincount(np.concatenate([client[out == 0], server[out == 1]]),
+                                 minlength=max(client.max(), server.max()) + 1)
+            c, s = counts[client[undecided]], counts[server[undecided]]
+        else:
+            c = np.array([votes.get(ip, 0) for ip in client_ip[undecided].tolist()], dtype=np.int64)
+            s = np.array([votes.get(ip, 0) for ip in server_ip[undecided].tolist()], dtype=np.int64)
         out[undecided] = np.where(c > s, 0, np.where(s > c, 1, VANTAGES.index("unknown")))
-    return out
+    return out, undecided

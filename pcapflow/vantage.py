@@ -46,6 +46,12 @@ def is_loopback(client_ip: str, server_ip: str) -> bool:
     return client_ip == server_ip or ipaddress.ip_address(client_ip).is_loopback
 
 
+def by_votes(client_votes: int, server_votes: int) -> str:
+    """An undecided connection's vantage: the side whose host more other connections placed
+    the capture point on."""
+    return "client" if client_votes > server_votes else "server" if server_votes > client_votes else "unknown"
+
+
 def local_sides(vantage: str) -> frozenset[int]:
     """Sides (0 client, 1 server) whose received segments the capture point sees arrive."""
     return {"client": frozenset({0}), "server": frozenset({1}),

@@ -164,3 +164,69 @@ def test_tables_merged_a_slice_at_a_time_keep_the_whole_captures_order(tmp_path,
     for table in ("connections", "events", "findings"):
         got = pd.read_parquet(out / table).drop(columns="group").reset_index(drop=True)
         assert_same_values(got, as_written(getattr(whole, table), tmp_path))
+
+
+SSH = ROOT.parent / "shared" / "corpus" / "external" / "zeek" / "ssh__ssh.pcap"
+
+
+@pytest.mark.skipif(not SSH.exists(), reason="external corpus absent")
+def test_vantage_votes_count_over_the_whole_timeline_not_a_partition(tmp_path):
+    """Zeek's ssh.pcap has connections whose own packets cannot place the capture point
+    (handshakes too fast to time, initial TTLs both ways): they take the side the other
+    connections of their hosts voted for. Partitioned, those votes must still be the whole
+    capture's, else four connections say "unknown" where analyze says "client"."""
+    whole = pcapflow.analyze(SSH)
+    voted = whole.connections.loc[whole.undecided]
+    assert len(voted) >= 4 and voted["vantage"].isin(["client", "server"]).all()
+    batch.run([SSH], tmp_path, jobs=1, partitions=16)
+    got = pd.read_parquet(tmp_path / "connections")
+    assert got["vantage"].tolist() == whole.connections["vantage"].tolist()
+
+
+LOW_MEMORY = [PILEUP, LOSSY, SAMPLE / "ipv6" / "client.pcap", SSH]
+
+
+@pytest.mark.parametrize("capture", LOW_MEMORY, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_low_memory_analyze_writes_the_same_bytes(capture, fmt, tmp_path, monkeypatch):
+    """`analyze --low-memory` partitions the capture (here into 6, merged 5 connections and
+    20 events at a time) and must write analyze's document byte for byte."""
+    if not capture.exists():
+        pytest.skip("external corpus absent")
+    from click.testing import CliRunner
+
+    from pcapflow.cli import cli
+    monkeypatch.setattr(batch, "BYTES_PER_PARTITION", os.path.getsize(capture) // 6 + 1)
+    monkeypatch.setattr(batch, "CONNECTIONS_HELD", 5)
+    monkeypatch.setattr(batch, "EVENTS_HELD", 20)
+    outs = []
+    for extra in ([], ["--low-memory"]):
+        outs.append(tmp_path / f"out{len(outs)}.{fmt}")
+        r = CliRunner().invoke(cli, ["analyze", str(capture), "--format", fmt, "-o", str(outs[-1]), *extra])
+        assert r.exit_code == 0, r.output
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_low_memory_analyze_of_rotated_files_with_a_filter(archive, tmp_path):
+    """Several files are one timeline, a filter counts what it drops in each file's
+    accounting: the document is analyze's."""
+    pieces = sorted(str(p) for p in (archive / "lossy").iterdir())
+    docs = []
+    for extra in ([], ["--low-memory"]):
+        docs.append(tmp_path / f"doc{len(docs)}.json")
+        subprocess.run([sys.executable, "-m", "pcapflow", "analyze", *pieces, "--filter", "port 80",
+                        "--format", "json", "-o", str(docs[-1]), *extra], check=True)
+    assert docs[0].read_bytes() == docs[1].read_bytes()
+    captures = pcapflow.analyze(pieces, filter="port 80").captures
+    assert sum(c.skipped.get("filtered", 0) for c in captures) > 0  # the filter dropped some
+
+
+def test_low_memory_refuses_what_it_cannot_stream(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pcapflow", "analyze", str(PILEUP), "--low-memory"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--low-memory writes --format json or csv" in r.stderr
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"not a capture at all")
+    r = subprocess.run([sys.executable, "-m", "pcapflow", "analyze", str(bad), "--low-memory",
+                        "--format", "json"], capture_output=True, text=True)
+    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
