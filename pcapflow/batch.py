@@ -404,11 +404,15 @@ def _sha256(path: str) -> str:
 
 
 def _partition(seg: pd.DataFrame, n_parts: int) -> np.ndarray:
-    """Partition of each segment: a stable hash of its 4-tuple, the same in both directions."""
-    a = seg["src"] + "|" + seg["sport"].astype(str)
-    b = seg["dst"] + "|" + seg["dport"].astype(str)
-    key = np.where(a < b, a + "/" + b, b + "/" + a)
-    return pd.util.hash_array(key.astype(object)) % np.uint64(n_parts)
+    """Partition of each segment: a stable hash of its 4-tuple, the same in both directions
+    (each distinct address hashed once, then mixed with its port)."""
+    ends = []
+    for ip, port in (("src", "sport"), ("dst", "dport")):
+        codes, uniques = pd.factorize(seg[ip].to_numpy())
+        ends.append(pd.util.hash_array(np.asarray(uniques, dtype=object))[codes]
+                    ^ seg[port].to_numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    lo, hi = np.minimum(*ends), np.maximum(*ends)
+    return pd.util.hash_array(lo * np.uint64(0x100000001B3) ^ hi) % np.uint64(n_parts)
 
 
 def _plan(group: str, members: list[str], read: dict[str, dict], stats: dict) -> dict:
@@ -676,27 +680,35 @@ def _events_in_order(results: list[dict], remaps: list[np.ndarray], group: str) 
         else:
             bufs[i] = pd.concat([bufs[i], more], ignore_index=True) if len(bufs[i]) else more
 
+    ready: list[pd.DataFrame] = []  # merged rows, given out EVENTS_HELD at a time
+
+    def merged() -> pd.DataFrame:
+        out = pd.concat(ready, ignore_index=True).sort_values(["ts", "conn_id"], kind="stable",
+                                                               ignore_index=True)
+        ready.clear()
+        if group is not None:
+            out.insert(0, "group", group)
+        return out
+
     while True:
         for i in range(len(streams)):
             while not done[i] and not len(bufs[i]):
                 extend(i)
         lasts = [b["ts"].iloc[-1] for b, d in zip(bufs, done) if not d]
         if not lasts and not any(len(b) for b in bufs):
-            return
+            break
         cutoff = min(lasts, default=math.inf)  # no stream still coming has anything earlier
-        taken = []
         for i, b in enumerate(bufs):
-            early = (b["ts"] < cutoff).to_numpy()
-            taken.append(b[early])
-            bufs[i] = b[~early]
-            if not done[i] and len(bufs[i]) and bufs[i]["ts"].iloc[0] == cutoff:
+            early = int(b["ts"].to_numpy().searchsorted(cutoff))  # a sorted slice: a head
+            if early:
+                ready.append(b.iloc[:early])
+                bufs[i] = b = b.iloc[early:]
+            if not done[i] and len(b) and b["ts"].iloc[0] == cutoff:
                 extend(i)  # what is left all lies at the cut: the next slice decides
-        out = pd.concat(taken, ignore_index=True)
-        if len(out):
-            out = out.sort_values(["ts", "conn_id"], kind="stable", ignore_index=True)
-            if group is not None:
-                out.insert(0, "group", group)
-            yield out
+        if sum(map(len, ready)) >= EVENTS_HELD:
+            yield merged()
+    if ready:
+        yield merged()
 
 
 def _write_stream(frames: Iterable[pd.DataFrame], path: str) -> int:
