@@ -8,7 +8,8 @@ Runs every tool `--runs` times on the same file(s) made by make_captures.py, in 
 invocation, and prints per tool the median wall time, packets/s, the ratio to pcapflow's
 time, the CPU time and the tool's own peak RSS (from os.wait4 on that child). Also
 pcapflow on short.pcapng and short.pcap.gz against short.pcap, and with --scale K
-pcapflow's peak RSS on short.pcap against a K-times longer replay of it.
+pcapflow's peak RSS on short.pcap against a K-times longer replay of it, as `analyze` and
+as `analyze --low-memory`.
 """
 from __future__ import annotations
 
@@ -61,9 +62,9 @@ def measure(cmd: list[str], runs: int, label: str) -> dict:
             "cpu_s": statistics.median(cpu), "peak_rss_mib": max(rss)}
 
 
-def pcapflow_cmd(path: Path, out: Path) -> list[str]:
+def pcapflow_cmd(path: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pcapflow", "analyze", str(path), "--format", "json",
-            "-o", str(out), "--no-progress"]
+            "-o", str(out), "--no-progress", *extra]
 
 
 def tools(path: Path, out: Path, nfstream_py: str | None) -> dict[str, list[str] | None]:
@@ -255,7 +256,8 @@ def main() -> int:
 
 
 def scale(path: Path, k: int, out: Path, report: dict) -> list[str]:
-    """pcapflow's peak RSS on path and on path replayed k times (one run each)."""
+    """pcapflow's peak RSS on path and on path replayed k times (one run each), without and
+    with --low-memory."""
     big = path.with_name(f"{path.stem}-x{k}.pcap")
     if not big.exists() or big.stat().st_mtime < path.stat().st_mtime:
         print(f"writing {big.name} ...", file=sys.stderr)
@@ -264,14 +266,19 @@ def scale(path: Path, k: int, out: Path, report: dict) -> list[str]:
     if one is None:
         one = measure(pcapflow_cmd(path, out), 1, f"pcapflow {path.name}")
     many = measure(pcapflow_cmd(big, out), 1, f"pcapflow {big.name}")
+    low = {f.name: measure(pcapflow_cmd(f, out, "--low-memory"), 1, f"pcapflow --low-memory {f.name}")
+           for f in (path, big)}
     packets = count(path)[0]
     report["scale"] = {"k": k, "file": str(big), "packets_1x": packets,
-                       "packets_kx": packets * k, "one": one, "many": many}
+                       "packets_kx": packets * k, "one": one, "many": many, "low_memory": low}
     return ["", (f"memory scaling: pcapflow analyze on {path.name} and on it replayed "
                 f"{k} times ({big.name}, {packets * k:,} packets, one run)"), HEADER,
             row(f"pcapflow {path.name}", one, packets, one["median_s"], ""),
             row(f"pcapflow {big.name}", many, packets * k, one["median_s"],
-                f"RSS {many['peak_rss_mib'] / one['peak_rss_mib']:.2f}x of 1x")]
+                f"RSS {many['peak_rss_mib'] / one['peak_rss_mib']:.2f}x of 1x"),
+            row(f"--low-memory {path.name}", low[path.name], packets, one["median_s"], ""),
+            row(f"--low-memory {big.name}", low[big.name], packets * k, one["median_s"],
+                f"RSS {low[big.name]['peak_rss_mib'] / low[path.name]['peak_rss_mib']:.2f}x of 1x")]
 
 
 if __name__ == "__main__":
