@@ -349,9 +349,9 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
 
     `capture_end` is when the whole timeline ends (default: its last packet); a caller that
     builds one part of a larger timeline (batch partitions) passes the timeline's end, and
-    may pass the whole timeline's `votes` (host -> connections that put the capture point on
-    it), which decide the vantage of connections whose own packets cannot. The Analysis's
-    `undecided` lists those connections.
+    the `votes` of the timeline's other connections (host -> connections that put the
+    capture point on it), which with these connections' own decide the vantage of those
+    whose own packets cannot. The Analysis's `undecided` lists those connections.
     """
     compiled = use_compiled(len(segments) >= COMPILED_MIN_SEGMENTS)  # numba kernels, Python for the rest
     seg, conns = assign_connections(segments, compiled)
@@ -498,7 +498,7 @@ def _compiled(flows: _Flows, conns: pd.DataFrame, capture_end: float, params: Pa
     """The compiled path: every connection's vantage, and the connections the kernel can
     reconstruct. Returns (conn_id, Flow, vantage) of the rest, and the kernel's connection
     columns, event columns and endpoints (fastteardown.clean_connections); adds to
-    `undecided` the connections `votes` (default: these connections') decided."""
+    `undecided` the connections votes decided (these connections' and `votes`)."""
     from . import fastteardown as ft
     ids = list(flows)
     at = conns.set_index("conn_id").loc[ids]
@@ -515,7 +515,7 @@ def _with_vantages(conns: pd.DataFrame, flows: Mapping, votes: Mapping[str, int]
                    undecided: list[int] | None = None):
     """(conn_id, Flow, vantage) of each connection: from its handshake timing, else its TTLs;
     those still undecided come last (added to `undecided`), decided by what the same hosts
-    showed: `votes`, host -> connections placing the capture point on it (default: these)."""
+    showed, here and in `votes` (host -> other connections placing the capture point on it)."""
     undecided = [] if undecided is None else undecided
     ends = dict(zip(conns["conn_id"].tolist(), zip(conns["client_ip"].tolist(),
                                                    conns["server_ip"].tolist())))
@@ -534,7 +534,7 @@ def _with_vantages(conns: pd.DataFrame, flows: Mapping, votes: Mapping[str, int]
         if v in ("client", "server"):
             local_votes[client_ip if v == "client" else server_ip] += 1
         yield cid, f, v
-    votes = local_votes if votes is None else votes
+    votes = local_votes + Counter(votes or {})
     for cid in undecided:
         client_ip, server_ip = ends[cid]
         yield cid, flows[cid], vt.by_votes(votes.get(client_ip, 0), votes.get(server_ip, 0))

@@ -721,19 +721,18 @@ def vantages(cols: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray,
              votes: Mapping[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every connection's vantage as a VANTAGES code, and which of them were voted: those its
     own packets leave undecided go to the side whose host other connections placed the
-    capture point on more often (`votes`, host -> connections, or else these connections)."""
+    capture point on more often (these connections, and `votes`: host -> connections)."""
     out = np.empty(len(starts), dtype=np.int64)
     _vantages(TTLS, RATIO, starts, ends, cols["ts"], cols["d"], cols["flags"], cols["seq"], cols["ack"],
               cols["ttl"], loopback, out)
     undecided = out == UNDECIDED
-    if undecided.any():
-        if votes is None:  # hosts as codes: votes counted by bincount
-            client, server = factorize_pair(client_ip, server_ip)
-            counts = np.bincount(np.concatenate([client[out == 0], server[out == 1]]),
-                                 minlength=max(client.max(), server.max()) + 1)
-            c, s = counts[client[undecided]], counts[server[undecided]]
-        else:
-            c = np.array([votes.get(ip, 0) for ip in client_ip[undecided].tolist()], dtype=np.int64)
-            s = np.array([votes.get(ip, 0) for ip in server_ip[undecided].tolist()], dtype=np.int64)
+    if undecided.any():  # hosts as codes: votes counted by bincount
+        client, server = factorize_pair(client_ip, server_ip)
+        counts = np.bincount(np.concatenate([client[out == 0], server[out == 1]]),
+                             minlength=max(client.max(), server.max()) + 1)
+        c, s = counts[client[undecided]], counts[server[undecided]]
+        if votes:
+            c = c + np.array([votes.get(ip, 0) for ip in client_ip[undecided].tolist()], dtype=np.int64)
+            s = s + np.array([votes.get(ip, 0) for ip in server_ip[undecided].tolist()], dtype=np.int64)
         out[undecided] = np.where(c > s, 0, np.where(s > c, 1, VANTAGES.index("unknown")))
     return out, undecided
