@@ -188,10 +188,11 @@ class Analysis:
 
 
 @_gc_paused()
-def write_document(fh, captures: list[CaptureInfo], tables) -> None:
+def write_document(fh, captures: list[CaptureInfo], tables, compiled: bool | None = None) -> None:
     """The `pcapflow/1` document to `fh`: `tables` gives (name, its rows as frames, in
     order). Rows joined by fastjson (ASCII bytes in a numpy array) go to the binary file under
-    a text one as they are: three copies of every byte fewer."""
+    a text one as they are: three copies of every byte fewer. `compiled`: join with fastjson
+    (default: for frames big enough to repay loading it)."""
     raw = getattr(fh, "buffer", None)
 
     def write(part: str | np.ndarray) -> None:
@@ -208,7 +209,7 @@ def write_document(fh, captures: list[CaptureInfo], tables) -> None:
         write(f',"{name}":[')
         first = True
         for df in frames:
-            for rows in _json_rows(df):
+            for rows in _json_rows(df, compiled=compiled):
                 if not first:
                     write(",")
                 write(rows)
@@ -241,12 +242,12 @@ def _records(df: pd.DataFrame):
         yield dict(zip(cols, row))
 
 
-def _json_rows(df: pd.DataFrame, rows: int = 1 << 14):
+def _json_rows(df: pd.DataFrame, rows: int = 1 << 14, compiled: bool | None = None):
     """The rows as `_dump` writes `_records`, comma-separated, `rows` rows a part: each
     column's distinct values encoded once, the rows joined from their texts, by fastjson
     (ASCII bytes in a numpy array) when numba is there and the table is big, else in Python."""
     keys = [("{" if k == 0 else ",") + _dump(c) + ":" for k, c in enumerate(df.columns)]
-    compiled = use_compiled(len(df) >= COMPILED_MIN_SEGMENTS)
+    compiled = use_compiled(len(df) >= COMPILED_MIN_SEGMENTS if compiled is None else compiled)
     if compiled:
         from .fastjson import join_rows
     else:

@@ -31,7 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import vantage as vt
-from .analysis import CONNECTION_COLUMNS, EVENT_COLUMNS, build, write_document
+from .analysis import (
+    COMPILED_MIN_SEGMENTS,
+    CONNECTION_COLUMNS,
+    EVENT_COLUMNS,
+    build,
+    write_document,
+)
 from .capture import SEGMENT_COLUMNS, CaptureError, CaptureInfo, Limits, read_chunks
 from .capture.files import COMPRESSION_MAGICS, PCAP_MAGICS, PCAPNG_MAGIC
 from .findings import INPUTS, compute_findings
@@ -153,7 +159,10 @@ class Streamed:
         yield "findings", (self.merged.findings() for _ in (0,))  # not before the connections
 
     def write_json(self, fh) -> None:
-        write_document(fh, self.captures, self.tables())
+        """The document `analyze` writes; for a big capture the slices are joined by fastjson
+        whatever their size, as the whole tables would be."""
+        big = len(self.merged.part_of) >= COMPILED_MIN_SEGMENTS
+        write_document(fh, self.captures, self.tables(), compiled=big or None)
 
 
 COMPRESSION_RATIO = 10  # capture bytes guessed per compressed byte, to size the partitions
