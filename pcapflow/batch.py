@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -685,56 +686,57 @@ EVENT_SCHEMA = pa.schema([("group", pa.string()), ("conn_id", pa.int64()), ("ts"
 
 def _events_in_order(results: list[dict], remaps: list[np.ndarray], group: str) -> Iterator[pd.DataFrame]:
     """Every partition's events (each already in (ts, conn_id) order, which renumbering keeps),
-    merged into slices of the group's (ts, conn_id) order: each round emits what lies before
-    the earliest last time among the slices still coming."""
+    merged into slices of the group's (ts, conn_id) order: the stream whose rows read so far
+    end first is read on until EVENTS_HELD rows are held, then what lies before the earliest
+    end among the streams still coming is given out (one pass over the streams per slice out,
+    whatever the number of partitions)."""
 
     def slices(r, remap):
         for path in r["events"]:
             e = pd.read_pickle(path)
             e["conn_id"] = remap[e["conn_id"].to_numpy(np.int64)]
-            e["detail"] = e["detail"].map(lambda d, m=remap: _renumber_text(d, m))
+            named = e["detail"].str.contains("connection ", regex=False).fillna(False).to_numpy(bool)
+            if named.any():  # few events name another connection
+                e.loc[named, "detail"] = [_renumber_text(d, remap) for d in e.loc[named, "detail"].tolist()]
             yield e
 
     streams = [slices(r, remap) for r, remap in zip(results, remaps)]
-    bufs = [pd.DataFrame(columns=EVENT_COLUMNS) for _ in streams]
-    done = [False] * len(streams)
+    held: list[list[pd.DataFrame]] = [[] for _ in streams]  # read, not yet given out
+    ends: list[tuple[float, int]] = []  # heap: (last time read, stream) of streams still coming
+    count = 0
 
-    def extend(i: int) -> None:
-        more = next(streams[i], None)
-        if more is None:
-            done[i] = True
-        else:
-            bufs[i] = pd.concat([bufs[i], more], ignore_index=True) if len(bufs[i]) else more
+    def pull(i: int) -> None:
+        nonlocal count
+        for e in streams[i]:
+            if len(e):
+                held[i].append(e)
+                count += len(e)
+                heapq.heappush(ends, (float(e["ts"].iloc[-1]), i))
+                return
 
-    ready: list[pd.DataFrame] = []  # merged rows, given out EVENTS_HELD at a time
-
-    def merged() -> pd.DataFrame:
-        out = pd.concat(ready, ignore_index=True).sort_values(["ts", "conn_id"], kind="stable",
-                                                               ignore_index=True)
-        ready.clear()
+    for i in range(len(streams)):
+        pull(i)
+    while ends or count:
+        while ends and count < EVENTS_HELD:
+            pull(heapq.heappop(ends)[1])
+        cutoff = ends[0][0] if ends else math.inf  # no stream still coming has anything earlier
+        out = []
+        for i, frames in enumerate(held):
+            if frames:
+                e = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+                k = int(e["ts"].to_numpy().searchsorted(cutoff))  # sorted: a head
+                if k:
+                    out.append(e.iloc[:k])
+                held[i] = [e.iloc[k:]] if k < len(e) else []
+        if not out:  # all held lies at the cut: the next slice decides
+            pull(heapq.heappop(ends)[1])
+            continue
+        out = pd.concat(out, ignore_index=True).sort_values(["ts", "conn_id"], kind="stable",
+                                                            ignore_index=True)
+        count -= len(out)
         if group is not None:
             out.insert(0, "group", group)
-        return out
-
-    while True:
-        for i in range(len(streams)):
-            while not done[i] and not len(bufs[i]):
-                extend(i)
-        lasts = [b["ts"].iloc[-1] for b, d in zip(bufs, done) if not d]
-        if not lasts and not any(len(b) for b in bufs):
-            break
-        cutoff = min(lasts, default=math.inf)  # no stream still coming has anything earlier
-        for i, b in enumerate(bufs):
-            early = int(b["ts"].to_numpy().searchsorted(cutoff))  # a sorted slice: a head
-            if early:
-                ready.append(b.iloc[:early])
-                bufs[i] = b = b.iloc[early:]
-            if not done[i] and len(b) and b["ts"].iloc[0] == cutoff:
-                extend(i)  # what is left all lies at the cut: the next slice decides
-        if sum(map(len, ready)) >= EVENTS_HELD:
-            yield merged()
-    if ready:
-        yield merged()
+        yield out
 
 
 def _write_stream(frames: Iterable[pd.DataFrame], path: str) -> int:
