@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from . import vantage as vt
@@ -339,7 +340,7 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
 def _map_file(path: str, out: str, n_parts: int, checksum: bool = True,
               progress: Callable[[int], None] | None = None) -> dict:
     """Read one file: its sha256 (if `checksum`), accounting and segments, hash-partitioned to
-    `out`/<p>.parquet as they are read (memory bounded by the chunks buffered, not by the file)."""
+    `out`/<p>.arrow as they are read (memory bounded by the chunks buffered, not by the file)."""
     rec = {"sha256": None, "error": None, "info": asdict(CaptureInfo(path=path)), "parts": {}}
     writer = _PartitionWriter(out, n_parts)
     try:
@@ -359,21 +360,25 @@ def _map_file(path: str, out: str, n_parts: int, checksum: bool = True,
     return rec
 
 
-# The segment table in Parquet, one schema for every row group whatever a chunk holds
+# The segment table in Arrow, one schema for every batch whatever a chunk holds
 _TYPES = {"object": pa.string(), "bool": pa.bool_()}
 SEGMENT_SCHEMA = pa.schema([
     (name, pa.list_(pa.list_(pa.int64())) if name == "sack" else _TYPES.get(dtype) or pa.from_numpy_dtype(np.dtype(dtype)))
     for name, dtype in SEGMENT_COLUMNS.items()])
 BUFFERED_ROWS = 1 << 18  # segments held before they are written out
+SEGMENT_IPC = ipc.IpcWriteOptions(compression="zstd")
 
 
 class _PartitionWriter:
-    """Segment chunks -> one Parquet file per partition, written a row group at a time."""
+    """Segment chunks -> one Arrow IPC file (zstd) per partition, a batch at a time. Not
+    Parquet: each of its files keeps every row group's metadata in memory until closed, and
+    a 10 GB capture in 161 partitions made 13k small row groups (the map's memory grew by
+    200 MB); IPC also writes and reads back faster here (short.pcap's map 2.3 -> 1.9 s)."""
 
     def __init__(self, out: str, n_parts: int) -> None:
         self.out, self.n_parts = out, n_parts
         self.buffers: dict[int, list[dict[str, np.ndarray]]] = {}
-        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.writers: dict[int, tuple[str, ipc.RecordBatchFileWriter]] = {}
         self.buffered = 0
 
     def add(self, cols: dict[str, np.ndarray]) -> None:
@@ -394,19 +399,20 @@ class _PartitionWriter:
         for p, frames in self.buffers.items():
             if p not in self.writers:
                 os.makedirs(self.out, exist_ok=True)
-                self.writers[p] = pq.ParquetWriter(os.path.join(self.out, f"{p}.parquet"), SEGMENT_SCHEMA)
+                path = os.path.join(self.out, f"{p}.arrow")
+                self.writers[p] = path, ipc.new_file(path, SEGMENT_SCHEMA, options=SEGMENT_IPC)
             table = pa.Table.from_arrays([pa.array(np.concatenate([f[name] for f in frames]), type=field.type)
                                           for name, field in zip(SEGMENT_SCHEMA.names, SEGMENT_SCHEMA)],
                                          schema=SEGMENT_SCHEMA)
-            self.writers[p].write_table(table)
+            self.writers[p][1].write_table(table)
         self.buffers, self.buffered = {}, 0
 
     def close(self) -> dict[int, str]:
         """Write what is buffered and close: {partition: path}."""
         self._flush()
-        for w in self.writers.values():
+        for _, w in self.writers.values():
             w.close()
-        paths = {p: w.where for p, w in sorted(self.writers.items())}
+        paths = {p: path for p, (path, _) in sorted(self.writers.items())}
         self.writers = {}
         return paths
 
@@ -477,11 +483,12 @@ def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: P
     hosts with the connections they decided (see `_revote`)."""
     frames = []
     for index, path in parts:
-        seg = pd.read_parquet(path)
+        with ipc.open_file(path) as f:
+            seg = f.read_all().to_pandas()
         seg["capture"] = np.int32(index)
         frames.append(seg)
     seg = pd.concat(frames, ignore_index=True)
-    for col, dtype in SEGMENT_COLUMNS.items():  # Parquet gives strings a string dtype, NaN for None
+    for col, dtype in SEGMENT_COLUMNS.items():  # Arrow gives NaN for a missing string
         if dtype == "object":
             seg[col] = seg[col].astype(object).where(seg[col].notna(), None)
     # read_captures' order: time, then file, then frame within the file
