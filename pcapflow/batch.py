@@ -29,8 +29,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from . import vantage as vt
 from .analysis import (
@@ -609,15 +609,19 @@ class _Merged:
             mine = np.flatnonzero(self.part_of == i)
             remap[order["local"].to_numpy()[mine]] = mine
             self.remaps.append(remap)
-        self.slim: list[pd.DataFrame] = []  # the columns the findings read, equal strings shared
+        # the columns the findings read, per slice a Series per column (each its own memory,
+        # given up column by column when joined), equal strings shared
+        self.slim: list[dict[str, pd.Series]] = []
         self.shared: dict[str, str] = {}
 
     def connections(self) -> Iterator[pd.DataFrame]:
         for df in _connections_in_order(self.results, self.remaps, self.part_of, self.group):
-            part = df[INPUTS].copy()
-            for col in part.columns[part.dtypes == object]:
-                part[col] = [self.shared.setdefault(v, v) if isinstance(v, str) else v
-                             for v in part[col].tolist()]
+            part = {}
+            for col in INPUTS:
+                v = df[col]
+                part[col] = (pd.Series([self.shared.setdefault(x, x) if isinstance(x, str) else x
+                                        for x in v.tolist()], dtype=object)
+                             if v.dtype == object else v.reset_index(drop=True).copy())
             self.slim.append(part)
             yield df
 
@@ -626,7 +630,12 @@ class _Merged:
 
     def findings(self) -> pd.DataFrame:
         """Once the connections have been walked."""
-        connections = pd.concat(self.slim) if self.slim else pd.DataFrame(columns=INPUTS)
+        if self.slim:  # joined a column at a time: never the slices and the whole at once
+            connections = pd.DataFrame({col: pd.concat([part.pop(col) for part in self.slim], ignore_index=True)
+                                        for col in INPUTS}, copy=False)
+            connections.index = connections["conn_id"].to_numpy()
+        else:
+            connections = pd.DataFrame(columns=INPUTS)
         self.slim = []
         return compute_findings(SimpleNamespace(connections=connections, params=self.params,
                                                 capture_end=self.capture_end))

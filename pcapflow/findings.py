@@ -73,9 +73,14 @@ def _close_causes(conns: pd.DataFrame) -> pd.Series:
     return out
 
 
+PILEUP_INPUTS = ["conn_id", "server_ip", "server_port", "time_wait_start", "time_wait_end", "http_requests",
+                 "http_cut", "http_request_close", "http10", "http_response_close", "server_fin_ts",
+                 "client_last_data_ts"]
+
+
 def server_time_wait_pileup(a) -> list[dict]:
     c = a.connections
-    tw = c[c["time_wait_side"].isin(["server", "both"])]
+    tw = c.loc[c["time_wait_side"].isin(["server", "both"]).to_numpy(), PILEUP_INPUTS]  # copy what is read
     out = []
     for (ip, port), g in tw.groupby(["server_ip", "server_port"]):
         if len(g) < MIN_PILEUP:
@@ -102,7 +107,8 @@ def close_wait_leak(a) -> list[dict]:
     out = []
     for side, ip_col, port_col in (("server", "server_ip", "server_port"),
                                    ("client", "client_ip", "server_port")):
-        passive = c[c["active_closer"] == ("client" if side == "server" else "server")]
+        passive = c.loc[(c["active_closer"] == ("client" if side == "server" else "server")).to_numpy(),
+                        ["conn_id", ip_col, port_col, f"{side}_state_end", f"{side}_fin_ts", "close_wait_s"]]
         for (ip, port), g in passive.groupby([ip_col, port_col]):
             stuck = g[g[f"{side}_state_end"] == "CLOSE_WAIT"]
             if stuck.empty:
