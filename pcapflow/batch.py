@@ -15,6 +15,7 @@ import heapq
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
@@ -222,7 +223,7 @@ def analyze_streamed(sources: list[str], msl: float = 30.0, fin_timeout: float =
         for cap, n in sorted(filtered.items()):
             captures[cap].skipped["filtered"] = n  # counted, like every skipped packet
             captures[cap].tcp_packets -= n
-        yield Streamed(captures, _Merged(results, params, end))
+        yield Streamed(captures, _Merged(results, params, end, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -308,7 +309,7 @@ def _analyze_groups(pool: Executor, todo: dict[str, list[str]], stats: dict, out
         args, done = zip(*results.pop(g)) if results[g] else ((), ())
         done = _revote(done, lambda stale, others: [f.result() for f in [
             pool.submit(_reduce, *args[k], votes=v) for k, v in zip(stale, others)]])
-        entries[g] = _merge(g, plans[g], done, params, out_dir)
+        entries[g] = _merge(g, plans[g], done, params, out_dir, os.path.join(tmp, _key(g)))
 
     for k, fut in enumerate(as_completed(maps), 1):
         g, path = maps[fut]
@@ -562,7 +563,7 @@ def _repeats(seg: pd.DataFrame, overlapping: frozenset[int]) -> np.ndarray:
     return out
 
 
-def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir: str) -> dict:
+def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir: str, tmp: str) -> dict:
     """Write one group's tables from its partitions: global conn_id in order of first packet
     (ties: file, then frame, as `analyze` orders them), connections and events merged in
     order a slice at a time, findings over the columns they read. Returns the group's
@@ -570,7 +571,7 @@ def _merge(group: str, plan: dict, results: list[dict], params: Params, out_dir:
     key = _key(group)
     for name in ("connections", "events"):
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-    merged = _Merged(results, params, plan["end"], group)
+    merged = _Merged(results, params, plan["end"], tmp, group)
     n_conns = _write_slices(merged.connections(), _output(out_dir, "connections", key))
     findings = merged.findings()
     dropped: dict[int, int] = {}
@@ -595,7 +596,7 @@ class _Merged:
     a time; findings over the columns they read, kept as the connections go by (so after them).
     `group`, when given, is the first column of every slice."""
 
-    def __init__(self, results: list[dict], params: Params, capture_end: float | None,
+    def __init__(self, results: list[dict], params: Params, capture_end: float | None, tmp: str,
                  group: str | None = None) -> None:
         self.results, self.params, self.capture_end, self.group = results, params, capture_end, group
         firsts = [r["first"].assign(part=i, local=r["first"].index) for i, r in enumerate(results)]
@@ -609,36 +610,42 @@ class _Merged:
             mine = np.flatnonzero(self.part_of == i)
             remap[order["local"].to_numpy()[mine]] = mine
             self.remaps.append(remap)
-        # the columns the findings read, per slice a Series per column (each its own memory,
-        # given up column by column when joined), equal strings shared
-        self.slim: list[dict[str, pd.Series]] = []
-        self.shared: dict[str, str] = {}
+        self.inputs = os.path.join(tmp, "findings")  # a file per column the findings read
 
     def connections(self) -> Iterator[pd.DataFrame]:
-        for df in _connections_in_order(self.results, self.remaps, self.part_of, self.group):
-            part = {}
-            for col in INPUTS:
-                v = df[col]
-                part[col] = (pd.Series([self.shared.setdefault(x, x) if isinstance(x, str) else x
-                                        for x in v.tolist()], dtype=object)
-                             if v.dtype == object else v.reset_index(drop=True).copy())
-            self.slim.append(part)
-            yield df
+        """The connections a slice at a time; the columns the findings read go to disk, each
+        slice's as a pickle appended to its column's file (memory: one slice)."""
+        os.makedirs(self.inputs, exist_ok=True)
+        with ExitStack() as stack:
+            files = {col: stack.enter_context(open(os.path.join(self.inputs, col), "wb")) for col in INPUTS}
+            for df in _connections_in_order(self.results, self.remaps, self.part_of, self.group):
+                for col, fh in files.items():
+                    pickle.dump(df[col].reset_index(drop=True), fh, pickle.HIGHEST_PROTOCOL)
+                yield df
 
     def events(self) -> Iterator[pd.DataFrame]:
         return _events_in_order(self.results, self.remaps, self.group)
 
     def findings(self) -> pd.DataFrame:
-        """Once the connections have been walked."""
-        if self.slim:  # joined a column at a time: never the slices and the whole at once
-            connections = pd.DataFrame({col: pd.concat([part.pop(col) for part in self.slim], ignore_index=True)
-                                        for col in INPUTS}, copy=False)
-            connections.index = connections["conn_id"].to_numpy()
-        else:
-            connections = pd.DataFrame(columns=INPUTS)
-        self.slim = []
-        return compute_findings(SimpleNamespace(connections=connections, params=self.params,
-                                                capture_end=self.capture_end))
+        """Once the connections have been walked: each finder gets the columns it reads, read
+        back from disk (memory: the widest finder's columns, not all 30)."""
+        def columns(names: list[str]) -> pd.DataFrame:
+            if not len(self.part_of):
+                return pd.DataFrame(columns=names)
+            c = pd.DataFrame({col: pd.concat(_pickles(os.path.join(self.inputs, col)), ignore_index=True)
+                              for col in names}, copy=False)
+            c.index = c["conn_id"].to_numpy()  # as in analyze's table
+            return c
+        return compute_findings(SimpleNamespace(params=self.params, capture_end=self.capture_end), columns)
+
+
+def _pickles(path: str) -> Iterator:
+    with open(path, "rb") as fh:
+        while True:
+            try:
+                yield pickle.load(fh)
+            except EOFError:
+                return
 
 
 # Rows a group's merge holds at once, one spilled slice of every partition: memory bounded

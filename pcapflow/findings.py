@@ -1,10 +1,11 @@
 """Findings: what a person should act on, each with its numbers, evidence, cause and fix.
 
 One function per finding kind (vocab.FINDING_KINDS), each reading the connections table
-and returning finding dicts; `FINDERS` lists them.
+and returning finding dicts; `READS` lists them with the columns they read.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,13 +15,6 @@ COLUMNS = ["kind", "severity", "host", "port", "count", "conn_ids", "summary", "
            "suggestion", "cause"]
 SAMPLE = 10
 MIN_PILEUP = 10
-# the connections table's columns the finders read: a caller short of memory (batch) may
-# give compute_findings just these
-INPUTS = """conn_id client_ip client_port server_ip server_port first_ts last_ts close_type
-active_closer client_state_end server_state_end client_fin_ts server_fin_ts
-orphan_retries_estimate lost_waves rst_by rst_kind time_wait_side time_wait_start time_wait_end
-reuse_check close_wait_s fin_wait2_timeout unanswered_keepalives client_last_data_ts
-http_requests http_request_close http_response_close http10 http_cut""".split()
 
 
 def finding(kind, severity, host, port, conns: pd.DataFrame, summary, explanation, suggestion,
@@ -80,7 +74,7 @@ PILEUP_INPUTS = ["conn_id", "server_ip", "server_port", "time_wait_start", "time
 
 def server_time_wait_pileup(a) -> list[dict]:
     c = a.connections
-    tw = c.loc[c["time_wait_side"].isin(["server", "both"]).to_numpy(), PILEUP_INPUTS]  # copy what is read
+    tw = c.loc[c["time_wait_side"].isin(["server", "both"]).to_numpy(), PILEUP_INPUTS]
     out = []
     for (ip, port), g in tw.groupby(["server_ip", "server_port"]):
         if len(g) < MIN_PILEUP:
@@ -138,13 +132,15 @@ def close_wait_leak(a) -> list[dict]:
     return out
 
 
+PORT_INPUTS = ["conn_id", "client_ip", "client_port", "server_ip", "server_port", "first_ts", "last_ts",
+               "client_state_end", "time_wait_side", "time_wait_end"]
+
+
 def port_exhaustion_risk(a) -> list[dict]:
     c = a.connections
     lo, hi = a.params.port_range
     size = hi - lo + 1
     out = []
-    c = c[["conn_id", "client_ip", "client_port", "server_ip", "server_port", "first_ts", "last_ts",
-           "client_state_end", "time_wait_side", "time_wait_end"]]  # what is read: groups move less
     for (cip, sip, sport), g in c.groupby(["client_ip", "server_ip", "server_port"]):
         if len(g) < min(MIN_PILEUP, size / 2):
             continue
@@ -208,7 +204,7 @@ def orphan_giveup(a) -> list[dict]:
 
 
 def rst_shortcut(a) -> list[dict]:
-    c = a.connections[["conn_id", "rst_by", "rst_kind"]]  # what is read: the rows move less
+    c = a.connections
     out = []
     for kind, g in c[c["rst_kind"].notna()].groupby("rst_kind"):
         if kind == "keepalive_timeout":
@@ -278,16 +274,37 @@ def keepalive_dead_peer(a) -> list[dict]:
         "heartbeat) to detect it as fast as you need.")]
 
 
-FINDERS = [server_time_wait_pileup, close_wait_leak, port_exhaustion_risk, fin_loss,
-           orphan_giveup, rst_shortcut, tw_reuse_unsafe, fin_wait2_timeout, keepalive_dead_peer]
+# each finder and the connections' columns it reads: a caller short of memory (batch) hands
+# each its own, one finder at a time
+READS = {
+    server_time_wait_pileup: ["time_wait_side", *PILEUP_INPUTS],
+    close_wait_leak: ["conn_id", "active_closer", "server_ip", "client_ip", "server_port",
+                      "server_state_end", "client_state_end", "server_fin_ts", "client_fin_ts",
+                      "close_wait_s"],
+    port_exhaustion_risk: PORT_INPUTS,
+    fin_loss: ["conn_id", "lost_waves", "server_ip", "server_port"],
+    orphan_giveup: ["conn_id", "orphan_retries_estimate", "close_type"],
+    rst_shortcut: ["conn_id", "rst_by", "rst_kind"],
+    tw_reuse_unsafe: ["conn_id", "reuse_check"],
+    fin_wait2_timeout: ["conn_id", "fin_wait2_timeout"],
+    keepalive_dead_peer: ["conn_id", "rst_kind", "unanswered_keepalives"],
+}
+FINDERS = list(READS)
+INPUTS = list(dict.fromkeys(col for cols in READS.values() for col in cols))  # all they read
 
 
-def compute_findings(a) -> pd.DataFrame:
-    """Every finder's findings on `a` (an Analysis, or what batch makes: connections holding
-    INPUTS, params, capture_end). The finders see the INPUTS columns alone: their groupbys
-    then move 30 columns, not 70."""
-    a = SimpleNamespace(connections=a.connections[INPUTS], params=a.params, capture_end=a.capture_end)
-    rows = [f for finder in FINDERS for f in finder(a)] if len(a.connections) else []
+def compute_findings(a, columns: Callable[[list[str]], pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Every finder's findings on `a` (an Analysis, or what batch makes: params, capture_end,
+    and connections holding INPUTS unless `columns` is given). Each finder sees the columns
+    it reads alone (READS): its groupbys move those, not 70; `columns(names)`, if given,
+    makes each finder's table (batch loads them from disk, one finder at a time)."""
+    take = columns or a.connections.__getitem__
+    rows = []
+    for finder, names in READS.items():
+        c = take(names)
+        if len(c):
+            rows += finder(SimpleNamespace(connections=c, params=a.params, capture_end=a.capture_end))
+        del c
     order = {"critical": 0, "warning": 1, "info": 2}
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.sort_values("severity", key=lambda s: s.map(order), kind="stable", ignore_index=True)
