@@ -510,7 +510,7 @@ def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: P
     voted = c["conn_id"].isin(a.undecided).to_numpy()
     local = Counter(c.loc[~voted & (c["vantage"] == "client"), "client_ip"].tolist())
     local.update(c.loc[~voted & (c["vantage"] == "server"), "server_ip"].tolist())
-    return {"connections": _spill(a.connections, max(1, CONNECTIONS_HELD // n_parts), out, "connections"),
+    return {"connections": _spill(a.connections, max(CONNECTIONS_HELD // n_parts, LEAST_SLICE), out, "connections"),
             "events": _spill(a.events, max(1, EVENTS_HELD // n_parts), out, "events"),
             "first": first, "dropped": dropped, "filtered": filtered, "votes": local,
             "voted": list(c.loc[voted, ["client_ip", "server_ip", "vantage"]].drop_duplicates()
@@ -648,10 +648,14 @@ def _pickles(path: str) -> Iterator:
                 return
 
 
-# Rows a group's merge holds at once, one spilled slice of every partition: memory bounded
-# whatever the number of partitions (a connection is ~7 kB as Python objects, an event ~0.2 kB)
+# Rows a group's merge holds at once, one spilled slice of every partition (a connection is
+# ~7 kB as Python objects, an event ~0.2 kB)...
 CONNECTIONS_HELD = 1 << 13
 EVENTS_HELD = 1 << 17
+# ... but a partition's connections are spilled this many at least, and merged as many per
+# partition at once: with 161 partitions (a 10 GB capture), slices of 50 rows made the merge
+# cost grow with the square of the capture; memory then grows with the partitions, slowly
+LEAST_SLICE = 256
 
 
 def _connections_in_order(results: list[dict], remaps: list[np.ndarray], part_of: np.ndarray,
@@ -668,8 +672,9 @@ def _connections_in_order(results: list[dict], remaps: list[np.ndarray], part_of
 
     streams = [slices(r, remap) for r, remap in zip(results, remaps)]
     bufs = [pd.DataFrame(columns=CONNECTION_COLUMNS) for _ in streams]
-    for start in range(0, len(part_of), CONNECTIONS_HELD):
-        need = np.bincount(part_of[start:start + CONNECTIONS_HELD], minlength=len(streams))
+    block = max(CONNECTIONS_HELD, LEAST_SLICE * len(streams))
+    for start in range(0, len(part_of), block):
+        need = np.bincount(part_of[start:start + block], minlength=len(streams))
         taken = []
         for i in np.flatnonzero(need).tolist():
             while len(bufs[i]) < need[i]:

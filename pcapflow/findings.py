@@ -44,23 +44,16 @@ def _close_causes(conns: pd.DataFrame) -> pd.Series:
     mode = multi.mode()
     limit = int(mode.iloc[0]) if len(mode) and (multi == mode.iloc[0]).sum() >= 3 else None
     idle = conns["server_fin_ts"] - conns["client_last_data_ts"]
-    causes = []
-    http = (conns[c].tolist() for c in ("http_requests", "http_cut", "http_request_close",
-                                         "http10", "http_response_close"))
-    for requests, cut, request_close, http10, response_close, gap in zip(*http, idle):
-        if requests == 0 or cut:
-            causes.append("unknown")
-        elif request_close or http10:
-            causes.append("Connection: close")
-        elif limit is not None and requests == limit:
-            causes.append(f"request limit ({limit} requests)")
-        elif response_close:
-            causes.append("Connection: close")
-        elif pd.notna(gap) and gap >= 0.2:
-            causes.append("idle timeout")
-        else:
-            causes.append("unknown")
-    out = pd.Series(causes, index=conns.index)
+    requests = conns["http_requests"].to_numpy()
+    flag = {c: conns[c].to_numpy(bool) for c in ("http_cut", "http_request_close", "http10",
+                                                   "http_response_close")}
+    labels = np.array(["unknown", "Connection: close", f"request limit ({limit} requests)", "idle timeout"],
+                      dtype=object)
+    causes = np.select(  # the first that holds, as codes into labels
+        [(requests == 0) | flag["http_cut"], flag["http_request_close"] | flag["http10"],
+         requests == (-1 if limit is None else limit), flag["http_response_close"],
+         (idle >= 0.2).to_numpy()], [0, 1, 2, 1, 3], default=0)
+    out = pd.Series(labels[causes], index=conns.index)
     idle_like = out == "idle timeout"
     if idle_like.any():  # the group's typical timeout rather than each gap
         out[idle_like] = f"idle timeout (~{idle[idle_like].median():.1f} s)"
@@ -74,11 +67,13 @@ PILEUP_INPUTS = ["conn_id", "server_ip", "server_port", "time_wait_start", "time
 
 def server_time_wait_pileup(a) -> list[dict]:
     c = a.connections
-    tw = c.loc[c["time_wait_side"].isin(["server", "both"]).to_numpy(), PILEUP_INPUTS]
+    tw = np.flatnonzero(c["time_wait_side"].isin(["server", "both"]).to_numpy())
+    groups = c[["server_ip", "server_port"]].take(tw).groupby(["server_ip", "server_port"]).indices
     out = []
-    for (ip, port), g in tw.groupby(["server_ip", "server_port"]):
-        if len(g) < MIN_PILEUP:
+    for (ip, port), rows in sorted(groups.items()):  # only each group's rows copied
+        if len(rows) < MIN_PILEUP:
             continue
+        g = c.take(tw[rows])
         peak, _ = peak_concurrency(g["time_wait_start"], g["time_wait_end"])
         causes = _close_causes(g).value_counts()
         cause_text = ", ".join(f"{k} {v}" for k, v in causes.items())

@@ -156,6 +156,7 @@ def test_tables_merged_a_slice_at_a_time_keep_the_whole_captures_order(tmp_path,
     conn_id and (ts, conn_id) orders exactly, and the same findings."""
     monkeypatch.setattr(batch, "EVENTS_HELD", 50 * 4)
     monkeypatch.setattr(batch, "CONNECTIONS_HELD", 7 * 4)
+    monkeypatch.setattr(batch, "LEAST_SLICE", 1)
     out = tmp_path / "out"
     batch.run([PILEUP], out, jobs=2, partitions=4)
     whole = pcapflow.analyze(PILEUP)
@@ -198,6 +199,7 @@ def test_low_memory_analyze_writes_the_same_bytes(capture, fmt, tmp_path, monkey
     from pcapflow.cli import cli
     monkeypatch.setattr(batch, "BYTES_PER_PARTITION", os.path.getsize(capture) // 6 + 1)
     monkeypatch.setattr(batch, "CONNECTIONS_HELD", 5)
+    monkeypatch.setattr(batch, "LEAST_SLICE", 1)
     monkeypatch.setattr(batch, "EVENTS_HELD", 20)
     outs = []
     for extra in ([], ["--low-memory"]):
