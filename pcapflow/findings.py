@@ -65,6 +65,12 @@ PILEUP_INPUTS = ["conn_id", "server_ip", "server_port", "time_wait_start", "time
                  "client_last_data_ts"]
 
 
+def _rows(c: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """A group's rows (positions, in order): the table itself when they are all of it (one
+    server, one client: a copy of the table saved)."""
+    return c if len(rows) == len(c) else c.take(rows)
+
+
 def server_time_wait_pileup(a) -> list[dict]:
     c = a.connections
     tw = np.flatnonzero(c["time_wait_side"].isin(["server", "both"]).to_numpy())
@@ -73,7 +79,7 @@ def server_time_wait_pileup(a) -> list[dict]:
     for (ip, port), rows in sorted(groups.items()):  # only each group's rows copied
         if len(rows) < MIN_PILEUP:
             continue
-        g = c.take(tw[rows])
+        g = _rows(c, tw[rows])
         peak, _ = peak_concurrency(g["time_wait_start"], g["time_wait_end"])
         causes = _close_causes(g).value_counts()
         cause_text = ", ".join(f"{k} {v}" for k, v in causes.items())
@@ -136,9 +142,11 @@ def port_exhaustion_risk(a) -> list[dict]:
     lo, hi = a.params.port_range
     size = hi - lo + 1
     out = []
-    for (cip, sip, sport), g in c.groupby(["client_ip", "server_ip", "server_port"]):
-        if len(g) < min(MIN_PILEUP, size / 2):
+    groups = c[["client_ip", "server_ip", "server_port"]].groupby(["client_ip", "server_ip", "server_port"]).indices
+    for (cip, sip, sport), rows in sorted(groups.items()):
+        if len(rows) < min(MIN_PILEUP, size / 2):
             continue
+        g = _rows(c, rows)
         end = a.capture_end
         held = np.where(g["time_wait_side"].isin(["client", "both"]), g["time_wait_end"],
                         np.where(g["client_state_end"] == "CLOSED", g["last_ts"], end))
