@@ -64,8 +64,9 @@ class Analysis:
 
     def __init__(self, segments: pd.DataFrame, captures: list[CaptureInfo],
                  connections: pd.DataFrame, events: pd.DataFrame, params: Params,
-                 endpoints: dict):
+                 endpoints: dict, undecided: list[int] | None = None):
         self._segments = segments  # conn, dir and dup assigned, rows in any order
+        self.undecided = undecided or []  # conn_ids whose vantage other connections voted
         self.captures = captures
         self.connections = connections
         self.events = events
@@ -389,10 +390,8 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
         _extend(events, [(cid, t, SIDE_NAMES[s], kind, a, b, details.setdefault(d, d))
                          for t, s, kind, a, b, d in res.events])
     if not len(flows):  # no connection (each has rows from the kernel or from Python)
-        a = Analysis(seg, captures, pd.DataFrame(columns=CONNECTION_COLUMNS),
-                     pd.DataFrame(columns=EVENT_COLUMNS), params, {})
-        a.undecided = []
-        return a
+        return Analysis(seg, captures, pd.DataFrame(columns=CONNECTION_COLUMNS),
+                        pd.DataFrame(columns=EVENT_COLUMNS), params, {})
     endpoints = ChainMap(endpoints, histories)
     table = conns.merge(pd.DataFrame(_joined(fast_rows, rows)), on="conn_id", how="left")
     del rows, fast_rows
@@ -417,9 +416,7 @@ def build(segments: pd.DataFrame, captures: list[CaptureInfo], params: Params,
     ts, cid = ev["ts"].to_numpy(), ev["conn_id"].to_numpy()
     if not ((ts[1:] > ts[:-1]) | (ts[1:] == ts[:-1]) & (cid[1:] >= cid[:-1])).all():
         ev = ev.take(np.lexsort((cid, ts))).reset_index(drop=True)
-    a = Analysis(seg, captures, table, ev, params, endpoints)
-    a.undecided = undecided
-    return a
+    return Analysis(seg, captures, table, ev, params, endpoints, undecided)
 
 
 def _joined(first: dict[str, np.ndarray], rest: dict[str, list]) -> dict:
