@@ -148,18 +148,27 @@ class Streamed:
 
     captures: list[CaptureInfo]
     merged: _Merged
+    progress: Callable[[int, int], None] | None = None  # (rows given out, rows in all)
 
     @property
     def params(self) -> Params:
         return self.merged.params
 
     def connections(self) -> Iterator[pd.DataFrame]:
-        return self.merged.connections()
+        return self._counted(self.merged.connections(), len(self.merged.part_of))
 
     def tables(self) -> Iterator[tuple[str, Iterable[pd.DataFrame]]]:
-        yield "connections", self.merged.connections()
-        yield "events", self.merged.events()
+        total = len(self.merged.part_of) + sum(r["n_events"] for r in self.merged.results)
+        yield "connections", self._counted(self.merged.connections(), total)
+        yield "events", self._counted(self.merged.events(), total, len(self.merged.part_of))
         yield "findings", (self.merged.findings() for _ in (0,))  # not before the connections
+
+    def _counted(self, frames: Iterator[pd.DataFrame], total: int, done: int = 0) -> Iterator[pd.DataFrame]:
+        for df in frames:
+            yield df
+            done += len(df)
+            if self.progress is not None:
+                self.progress(done, total)
 
     def write_json(self, fh) -> None:
         """The document `analyze` writes; for a big capture the slices are joined by fastjson
@@ -512,7 +521,7 @@ def _reduce(parts: list[tuple[int, str]], captures: list[CaptureInfo], params: P
     local.update(c.loc[~voted & (c["vantage"] == "server"), "server_ip"].tolist())
     return {"connections": _spill(a.connections, max(CONNECTIONS_HELD // n_parts, LEAST_SLICE), out, "connections"),
             "events": _spill(a.events, max(1, EVENTS_HELD // n_parts), out, "events"),
-            "first": first, "dropped": dropped, "filtered": filtered, "votes": local,
+            "first": first, "dropped": dropped, "filtered": filtered, "votes": local, "n_events": len(a.events),
             "voted": list(c.loc[voted, ["client_ip", "server_ip", "vantage"]].drop_duplicates()
                           .itertuples(index=False, name=None))}
 

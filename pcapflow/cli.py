@@ -37,7 +37,8 @@ class InputError(click.ClickException):
 
 class Progress:
     """Progress bars on stderr, when it is a terminal: over the input files' bytes while
-    reading, then over the connections while reconstructing them."""
+    reading, then over the connections while reconstructing them (--low-memory: over the
+    partitions, then over the rows written)."""
 
     def __init__(self, enabled: bool | None, captures):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
@@ -54,8 +55,14 @@ class Progress:
         self.bar.update(n)
 
     def analyzing(self, done: int, total: int) -> None:
-        if self.bar is None or self.bar.label != "analyzing ":
-            self._start("analyzing ", total)
+        self._advance("analyzing ", done, total)
+
+    def writing(self, done: int, total: int) -> None:
+        self._advance("writing   ", done, total)
+
+    def _advance(self, label: str, done: int, total: int) -> None:
+        if self.bar is None or self.bar.label != label:
+            self._start(label, total)
         self.bar.update(done - self.bar.pos)
 
     def done(self) -> None:
@@ -175,6 +182,7 @@ def analyze_low_memory(captures, fmt, output, progress, port_range, **kw) -> Non
                 analysis_progress=bar.analyzing if bar.enabled else None, **kw))
             bar.done()
             a.params.port_range = port_range
+            a.progress = bar.writing if bar.enabled else None
             fh = stack.enter_context(open(output, "w")) if output else click.get_text_stream("stdout")
             if fmt == "json":
                 a.write_json(fh)

@@ -163,11 +163,11 @@ def test_corrupt_gzip_is_a_one_line_error(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_progress_bars_on_a_terminal_only():
+def on_a_terminal(*args: str) -> tuple[subprocess.CompletedProcess, bytes]:
+    """pcapflow run with its stderr on a pseudo-terminal: the result, and what it showed."""
     import pty
     leader, follower = pty.openpty()
-    out = SAMPLE / "http_pileup" / "server.pcap"
-    p = subprocess.run([sys.executable, "-m", "pcapflow", "analyze", out, "--format", "csv"],
+    p = subprocess.run([sys.executable, "-m", "pcapflow", *args],
                        stdout=subprocess.PIPE, stderr=follower, cwd=ROOT, timeout=120)
     os.close(follower)
     shown = b""
@@ -180,8 +180,17 @@ def test_progress_bars_on_a_terminal_only():
             break
         shown += chunk
     os.close(leader)
+    return p, shown
+
+
+def test_progress_bars_on_a_terminal_only():
+    out = SAMPLE / "http_pileup" / "server.pcap"
+    p, shown = on_a_terminal("analyze", str(out), "--format", "csv")
     assert p.returncode == 0
     assert b"reading" in shown and b"analyzing" in shown and b"100%" in shown
+    p, shown = on_a_terminal("analyze", str(out), "--format", "json", "--low-memory")
+    assert p.returncode == 0 and p.stdout.startswith(b'{"schema"')
+    assert b"reading" in shown and b"analyzing" in shown and b"writing" in shown and b"100%" in shown
     quiet = pcapflow("analyze", out, "--format", "csv")
     assert quiet.stderr == ""  # not a terminal: no bar
 
