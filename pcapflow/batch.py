@@ -178,6 +178,20 @@ class Streamed:
 
 
 COMPRESSION_RATIO = 10  # capture bytes guessed per compressed byte, to size the partitions
+PACKETS_PER_PARTITION = 1 << 17  # about BYTES_PER_PARTITION of HTTP; more for tiny packets
+
+
+def _packets_guessed(head: bytes, size: int) -> int:
+    """Packets in a plain pcap file of `size` bytes, from the records in its first bytes
+    `head` (a storm of SYNs and RSTs is 80 bytes a record, HTTP 500): 0 for other forms."""
+    if head[:4] not in PCAP_MAGICS:
+        return 0
+    order = PCAP_MAGICS[head[:4]][0]
+    at, n = 24, 0
+    while at + 16 <= len(head):
+        at += 16 + int.from_bytes(head[at + 8:at + 12], "little" if order == "<" else "big")
+        n += 1
+    return size * n // max(at - 24, 1) if n else 0
 
 
 @contextmanager
@@ -192,14 +206,15 @@ def analyze_streamed(sources: list[str], msl: float = 30.0, fin_timeout: float =
     if filter:
         from .bpf import parse
         parse(filter)  # a bad filter is said before reading
-    size = 0
+    size = packets = 0
     for source in sources:
         if os.path.isfile(source):
             with open(source, "rb") as fh:
-                head = fh.read(6)
+                head = fh.read(1 << 20)
             packed = any(head.startswith(m) for m in COMPRESSION_MAGICS)
             size += os.path.getsize(source) * (COMPRESSION_RATIO if packed else 1)
-    n_parts = max(1, math.ceil(size / BYTES_PER_PARTITION))
+            packets += _packets_guessed(head, os.path.getsize(source))
+    n_parts = max(1, math.ceil(size / BYTES_PER_PARTITION), math.ceil(packets / PACKETS_PER_PARTITION))
     tmp = tempfile.mkdtemp(prefix="pcapflow-")
     try:
         maps = []

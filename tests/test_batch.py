@@ -232,3 +232,17 @@ def test_low_memory_refuses_what_it_cannot_stream(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pcapflow", "analyze", str(bad), "--low-memory",
                         "--format", "json"], capture_output=True, text=True)
     assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_low_memory_sizes_partitions_by_packets_too(tmp_path):
+    """A capture of tiny packets (a SYN/RST storm: ~80 bytes a record) needs more partitions
+    than its bytes say: the packets are guessed from the first records of a plain pcap."""
+    size = os.path.getsize(PILEUP)
+    with open(PILEUP, "rb") as fh:
+        head = fh.read(1 << 20)
+    packets = pcapflow.analyze(PILEUP).captures[0].packets
+    assert abs(batch._packets_guessed(head, size) - packets) <= 0.2 * packets
+    assert batch._packets_guessed(head[:100], size) > 0  # a few records suffice
+    pcapng = tmp_path / "x.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", str(PILEUP), str(pcapng)], check=True)
+    assert batch._packets_guessed(pcapng.read_bytes()[:1 << 20], size) == 0  # not guessed
