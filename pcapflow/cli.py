@@ -173,7 +173,10 @@ def analyze_cmd(captures, fmt, output, charts, filter_, msl, fin_timeout, port_r
 
 def analyze_low_memory(captures, fmt, output, progress, port_range, **kw) -> None:
     """analyze --low-memory: the batch engine on one timeline, written as it is merged."""
-    from .batch import analyze_streamed
+    try:
+        from .batch import analyze_streamed
+    except ImportError:  # its temporary files are Arrow's
+        raise InputError("--low-memory needs pyarrow: pip install 'pcapflow[parquet]'") from None
     bar = Progress(progress, captures)
     try:
         with contextlib.ExitStack() as stack:

@@ -246,3 +246,12 @@ def test_low_memory_sizes_partitions_by_packets_too(tmp_path):
     pcapng = tmp_path / "x.pcapng"
     subprocess.run(["editcap", "-F", "pcapng", str(PILEUP), str(pcapng)], check=True)
     assert batch._packets_guessed(pcapng.read_bytes()[:1 << 20], size) == 0  # not guessed
+
+
+def test_low_memory_without_pyarrow_says_what_to_install():
+    code = ("import sys; sys.modules['pyarrow'] = None; "  # import pyarrow now fails
+            "sys.argv = ['pcapflow', 'analyze', sys.argv[1], '--low-memory', '--format', 'json']; "
+            "from pcapflow.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code, str(PILEUP)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--low-memory needs pyarrow: pip install 'pcapflow[parquet]'" in r.stderr
+    assert "Traceback" not in r.stderr
