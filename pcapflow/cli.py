@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -74,15 +73,22 @@ class Progress:
 def run_analysis(captures, progress, **kw) -> Analysis:
     """analyze() with user errors turned into one line and exit 2, warnings on stderr."""
     bar = Progress(progress, captures)
-    try:
+    with reported(bar):
         a = analyze(list(captures), progress=bar.reading if bar.enabled else None,
                     analysis_progress=bar.analyzing if bar.enabled else None, **kw)
+    warn_truncated(a.captures)
+    return a
+
+
+@contextlib.contextmanager
+def reported(bar: Progress):
+    """Bad input as one line and exit 2; the progress bar closed whatever happens."""
+    try:
+        yield
     except (CaptureError, FilterError) as e:
         raise InputError(clean(e)) from None
     finally:
         bar.done()
-    warn_truncated(a.captures)
-    return a
 
 
 def warn_truncated(captures) -> None:
@@ -178,26 +184,23 @@ def analyze_low_memory(captures, fmt, output, progress, port_range, **kw) -> Non
     except ImportError:  # its temporary files are Arrow's
         raise InputError("--low-memory needs pyarrow: pip install 'pcapflow[parquet]'") from None
     bar = Progress(progress, captures)
-    try:
-        with contextlib.ExitStack() as stack:
-            a = stack.enter_context(analyze_streamed(
-                list(captures), progress=bar.reading if bar.enabled else None,
-                analysis_progress=bar.analyzing if bar.enabled else None, **kw))
-            bar.done()
-            a.params.port_range = port_range
-            a.progress = bar.writing if bar.enabled else None
-            fh = stack.enter_context(open(output, "w")) if output else click.get_text_stream("stdout")
-            if fmt == "json":
-                a.write_json(fh)
-            else:
-                frames = a.connections()
-                first = next(frames, None)  # no connection: the header alone, as analyze writes
-                for df in itertools.chain([first if first is not None else pd.DataFrame(columns=COLUMNS)], frames):
-                    flat(df).to_csv(fh, index=False, header=df is first or first is None)
-    except (CaptureError, FilterError) as e:
-        raise InputError(clean(e)) from None
-    finally:
+    with reported(bar), contextlib.ExitStack() as stack:
+        a = stack.enter_context(analyze_streamed(
+            list(captures), progress=bar.reading if bar.enabled else None,
+            analysis_progress=bar.analyzing if bar.enabled else None, **kw))
         bar.done()
+        a.params.port_range = port_range
+        a.progress = bar.writing if bar.enabled else None
+        fh = stack.enter_context(open(output, "w")) if output else click.get_text_stream("stdout")
+        if fmt == "json":
+            a.write_json(fh)
+        else:
+            header = True
+            for df in a.connections():
+                flat(df).to_csv(fh, index=False, header=header)
+                header = False
+            if header:  # no connection: the header alone, as analyze writes
+                pd.DataFrame(columns=COLUMNS).to_csv(fh, index=False)
     warn_truncated(a.captures)
 
 
